@@ -1,0 +1,290 @@
+"""
+RWKV-4 language model in one file, the same network as BlinkDL's RWKV-LM `RWKV-v4neo/src/model.py`
+(emb -> ln0 -> [x + TimeMix(ln1(x)), x + ChannelMix(ln2(x))] x n_layer -> ln_out -> head), with its initialisation
+(`generate_init_weight`) and the L2Wrap loss trick. Parameter names match RWKV-LM's checkpoints.
+
+Two ways to run the same weights:
+- parallel mode, `forward(idx, targets)` / `prefill(idx, state)`: a whole chunk at once, the WKV op over time;
+- RNN mode, `step(token, state)`: one token, constant memory, the recurrence of RWKV-v4neo/src/model_run.py.
+State per layer is (x_att, aa, bb, pp, x_ffn), stacked as a (n_layer, 5, B, C) tensor in fp32.
+
+References: Peng et al. 2023, "RWKV: Reinventing RNNs for the Transformer Era" (arXiv:2305.13048);
+https://github.com/BlinkDL/RWKV-LM (RWKV-v4neo).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model_gpt import sample_logits
+from wkv_cuda import initial_state, wkv, wkv_step
+
+
+class L2Wrap(torch.autograd.Function):
+    """Identity on the loss; in backward adds a small gradient pushing each position's largest logit towards 0
+    (RWKV-v4neo/src/model.py L2Wrap: factor 1e-4 / (B*T)). We scale that gradient by grad_output so that it stays
+    in proportion under gradient accumulation and fp16 loss scaling (RWKV-LM uses neither, so there it is the same)."""
+
+    @staticmethod
+    def forward(ctx, loss, logits):
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, = ctx.saved_tensors  # (B, T, V)
+        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
+        maxx, ids = torch.max(logits, -1, keepdim=True)
+        glogits = torch.zeros_like(logits)
+        glogits.scatter_(-1, ids, maxx * factor * grad_output)
+        return grad_output, glogits
+
+
+def channel_ramp(C):
+    """i / C for i in 0..C-1, shaped (1, 1, C): the base of RWKV-v4neo's time_mix curves."""
+    return (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
+
+
+class TimeMix(nn.Module):
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        C = config.n_embd
+        self.backend = config.wkv_backend
+        # RWKV-v4neo/src/model.py RWKV_TimeMix.__init__ "fancy init"; max(.., 1) keeps n_layer=1 defined
+        ratio_0_to_1 = layer_id / max(config.n_layer - 1, 1)
+        ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer
+        h = torch.arange(C, dtype=torch.float32)
+        self.time_decay = nn.Parameter(-5 + 8 * (h / max(C - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1))  # (C,)
+        zigzag = 0.5 * (((h + 1) % 3) - 1)  # 0.5, -0.5, 0, 0.5, ...
+        self.time_first = nn.Parameter(torch.full((C,), math.log(0.3)) + zigzag)  # (C,)
+        ramp = channel_ramp(C)
+        self.time_mix_k = nn.Parameter(ramp ** ratio_1_to_almost0)  # (1, 1, C)
+        self.time_mix_v = nn.Parameter(ramp ** ratio_1_to_almost0 + 0.3 * ratio_0_to_1)
+        self.time_mix_r = nn.Parameter(ramp ** (0.5 * ratio_1_to_almost0))
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+
+    def forward(self, x, state):
+        # x (B, T, C); state (4, B, C) = x_prev, aa, bb, pp
+        x_prev, aa, bb, pp = state
+        xx = torch.cat([x_prev.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # token shift, (B, T, C)
+        # lerp(xx, x, m) = x * m + xx * (1 - m), RWKV-LM's mixing in one op
+        k = self.key(torch.lerp(xx, x, self.time_mix_k))
+        v = self.value(torch.lerp(xx, x, self.time_mix_v))
+        r = self.receptance(torch.lerp(xx, x, self.time_mix_r))
+        y, (aa, bb, pp) = wkv(self.time_decay, self.time_first, k, v, (aa, bb, pp), self.backend)
+        out = self.output(torch.sigmoid(r) * y)
+        return out, torch.stack([x[:, -1].to(aa.dtype), aa, bb, pp])
+
+    def step(self, x, state):
+        # x (B, C): one token; the recurrence as in RWKV-v4neo/src/model_run.py (RNN mode)
+        x_prev, aa, bb, pp = state
+        xx = x_prev.to(x.dtype)
+        k = self.key(torch.lerp(xx, x, self.time_mix_k[0]))  # (B, C)
+        v = self.value(torch.lerp(xx, x, self.time_mix_v[0]))
+        r = self.receptance(torch.lerp(xx, x, self.time_mix_r[0]))
+        w = -torch.exp(self.time_decay.to(aa.dtype))
+        y, aa, bb, pp = wkv_step(w, self.time_first.to(aa.dtype), k.to(aa.dtype), v.to(aa.dtype), aa, bb, pp)
+        out = self.output(torch.sigmoid(r) * y.to(x.dtype))
+        return out, torch.stack([x.to(aa.dtype), aa, bb, pp])
+
+
+class ChannelMix(nn.Module):
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        C = config.n_embd
+        ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer  # RWKV-v4neo RWKV_ChannelMix.__init__
+        ramp = channel_ramp(C)
+        self.time_mix_k = nn.Parameter(ramp ** ratio_1_to_almost0)  # (1, 1, C)
+        self.time_mix_r = nn.Parameter(ramp ** ratio_1_to_almost0)
+        self.key = nn.Linear(C, config.dim_ffn, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(config.dim_ffn, C, bias=False)
+
+    def mix(self, x, xx, time_mix_k, time_mix_r):
+        k = torch.square(torch.relu(self.key(torch.lerp(xx, x, time_mix_k))))  # squared ReLU
+        return torch.sigmoid(self.receptance(torch.lerp(xx, x, time_mix_r))) * self.value(k)
+
+    def forward(self, x, x_prev):
+        # x (B, T, C); x_prev (B, C): the last input of the previous chunk
+        xx = torch.cat([x_prev.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # token shift, (B, T, C)
+        return self.mix(x, xx, self.time_mix_k, self.time_mix_r), x[:, -1]
+
+    def step(self, x, x_prev):
+        # x (B, C)
+        return self.mix(x, x_prev.to(x.dtype), self.time_mix_k[0], self.time_mix_r[0]), x
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(config.n_embd)  # RWKV-LM normalises the embedding inside block 0
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.att = TimeMix(config, layer_id)
+        self.ffn = ChannelMix(config, layer_id)
+
+    def forward(self, x, state):
+        # x (B, T, C) or (B, C) in RNN mode; state (5, B, C) = x_att, aa, bb, pp, x_ffn
+        run_att, run_ffn = (self.att.step, self.ffn.step) if x.dim() == 2 else (self.att, self.ffn)
+        dx, att_state = run_att(self.ln1(x), state[:4])
+        x = x + dx
+        dx, x_ffn = run_ffn(self.ln2(x), state[4])
+        x = x + dx
+        return x, torch.cat([att_state, x_ffn.to(att_state.dtype).unsqueeze(0)])  # (5, B, C)
+
+
+@dataclass
+class RWKVConfig:
+    block_size: int = 1024  # training context length; the model itself has no context limit
+    vocab_size: int = 50277  # GPT-NeoX tokenizer, as the RWKV-4 Pile models
+    n_layer: int = 12
+    n_embd: int = 768
+    dim_ffn: int = 0  # 0 means 4 * n_embd (RWKV-4)
+    emb_init: float = 1e-4  # emb.weight ~ U(-emb_init, emb_init); RWKV-v4neo uses lr_init here, and so does train.py
+    wkv_backend: str = 'auto'  # 'auto' | 'cuda' | 'cpu' | 'torch'
+
+    def __post_init__(self):
+        if self.dim_ffn == 0:
+            self.dim_ffn = 4 * self.n_embd
+
+
+class RWKV(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_out = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self._init_weights()
+        print(f"number of parameters: {self.get_num_params() / 1e6:.2f}M")
+
+    @torch.no_grad()
+    def _init_weights(self):
+        # RWKV-v4neo/src/model.py generate_init_weight: LayerNorms and time_* keep their constructor values; matrices
+        # are orthogonal with gain sqrt(rows / cols) when tall, the "output-side" projections start at zero, the head
+        # at gain 0.5, and the embedding is uniform and tiny.
+        zero = ('.att.key.', '.att.receptance.', '.att.output.', '.ffn.value.', '.ffn.receptance.')
+        for n, p in self.named_parameters():
+            if p.dim() != 2:
+                continue
+            if n == 'emb.weight':
+                nn.init.uniform_(p, -self.config.emb_init, self.config.emb_init)
+            elif any(z in n for z in zero):
+                nn.init.zeros_(p)
+            else:
+                gain = math.sqrt(p.shape[0] / p.shape[1]) if p.shape[0] > p.shape[1] else 1.0
+                nn.init.orthogonal_(p, gain=gain * (0.5 if n == 'head.weight' else 1.0))
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; the embedding is a lookup (no FLOPs) and is left out by default."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.emb.weight.numel() if non_embedding else n
+
+    def initial_state(self, B, device=None):
+        """The state of an empty history: (n_layer, 5, B, C), pp = -1e38, the rest 0."""
+        device = device or self.head.weight.device
+        dtype = torch.promote_types(self.head.weight.dtype, torch.float32)  # fp32, or fp64 for a fp64 model
+        C = self.config.n_embd
+        aa, bb, pp = initial_state(B, C, device, dtype)
+        zeros = torch.zeros(B, C, device=device, dtype=dtype)
+        return torch.stack([zeros, aa, bb, pp, zeros]).unsqueeze(0).repeat(self.config.n_layer, 1, 1, 1)
+
+    def _body(self, x, state):
+        # x: embeddings, (B, T, C) or (B, C); runs the blocks and ln_out, returns the hidden states and the new state
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device)
+        x = self.blocks[0].ln0(x)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, state[i])
+            new_state.append(s)
+        return self.ln_out(x), torch.stack(new_state)  # (B, [T,] C), (n_layer, 5, B, C)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        x, _ = self._body(self.emb(idx), None)  # (B, T, C)
+        if targets is not None:
+            logits = self.head(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            if self.training:
+                loss = L2Wrap.apply(loss, logits)
+        else:
+            logits = self.head(x[:, [-1], :])  # (B, 1, V): inference needs only the last position
+            loss = None
+        return logits, loss
+
+    def prefill(self, idx, state=None):
+        """Parallel mode over a chunk idx (B, T), starting from `state` (None = empty history).
+        Returns logits (B, T, V) and the state after the chunk."""
+        x, state = self._body(self.emb(idx), state)
+        return self.head(x), state
+
+    def step(self, token, state=None):
+        """RNN mode: one token per sequence, token (B,). Returns logits (B, V) and the new state."""
+        x, state = self._body(self.emb(token), state)
+        return self.head(x), state
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lr_scale=True):
+        """AdamW; weight decay only on the weight matrices (not LayerNorms nor the time_* vectors, whose time_mix
+        are stored (1, 1, C) as in RWKV-LM). With lr_scale, RWKV-v4neo's layerwise_lr: time_decay at 2x and
+        time_first at 3x the learning rate. train.py's schedule multiplies each group's lr by its 'lr_scale'."""
+        groups = {'decay': [], 'no_decay': [], 'time_decay': [], 'time_first': []}
+        for n, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if lr_scale and n.endswith('time_decay'):
+                groups['time_decay'].append(p)
+            elif lr_scale and n.endswith('time_first'):
+                groups['time_first'].append(p)
+            elif p.dim() == 2:
+                groups['decay'].append(p)
+            else:
+                groups['no_decay'].append(p)
+        scale_and_decay = {'decay': (1.0, weight_decay), 'no_decay': (1.0, 0.0),
+                           'time_decay': (2.0, 0.0), 'time_first': (3.0, 0.0)}
+        optim_groups = [{'params': ps, 'weight_decay': scale_and_decay[g][1], 'lr_scale': scale_and_decay[g][0]}
+                        for g, ps in groups.items() if ps]
+        fused = device_type == 'cuda'
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def flops_per_token(self):
+        """Training FLOPs per token: every weight matrix is used once per token in a matmul, 2 FLOPs per weight
+        forward and 4 backward, hence 6 * (matrix params). The embedding is a lookup. The WKV recurrence and the
+        other elementwise work are not matmul FLOPs and, as softmax in the GPT count (PaLM appendix B), are not counted.
+        (The original nanoRWKV used vocab_size**2 here and forgot the factor T.)"""
+        n_matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and n != 'emb.weight')
+        return 6 * n_matmul
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation: achieved matmul FLOP/s over the device's peak FLOP/s."""
+        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, mode='rnn'):
+        """Continue idx (B, T) by max_new_tokens. mode='rnn': prefill the prompt in parallel, then one step per
+        token (constant cost per token). mode='parallel': re-run the whole sequence for every token."""
+        if mode not in ('rnn', 'parallel'):
+            raise ValueError(f"mode must be 'rnn' or 'parallel', got {mode!r}")
+        if mode == 'rnn':
+            logits, state = self.prefill(idx)
+            logits = logits[:, -1]  # (B, V)
+        for i in range(max_new_tokens):
+            if mode == 'parallel':
+                logits = self(idx)[0][:, -1]  # (B, V)
+            idx_next = sample_logits(logits, temperature, top_k)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)
+            if mode == 'rnn' and i < max_new_tokens - 1:
+                logits, state = self.step(idx_next[:, 0], state)
+        return idx

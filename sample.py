@@ -1,0 +1,103 @@
+"""
+Sample from a model trained with train.py (GPT or RWKV, read from the checkpoint).
+
+$ python sample.py --out_dir=out-shakespeare-char
+$ python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --mode=parallel --temperature=0
+$ python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt
+
+mode: 'rnn' (RWKV only: the prompt in parallel mode carrying state, then one RNN step per token),
+'parallel' (the whole sequence again for every token), 'auto' (rnn for RWKV, parallel for GPT).
+"""
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from train import ConfigError, load_checkpoint, model_from_checkpoint, parse_config, resolve_device, resolve_dtype
+
+DEFAULTS = dict(
+    out_dir='out',  # the directory with ckpt.pt
+    start='\n',  # the prompt, or FILE:path to read it from a file
+    num_samples=3,
+    max_new_tokens=500,
+    temperature=0.8,  # 1.0 = the model's distribution, lower = more conservative, 0 = greedy
+    top_k=200,  # sample only among the top_k most likely tokens; 0 = all
+    seed=1337,
+    device='auto',
+    dtype='auto',
+    mode='auto',  # 'auto' | 'rnn' | 'parallel'
+)
+
+
+def get_codec(tokenizer):
+    """(encode, decode) for the tokenizer a checkpoint records."""
+    if tokenizer.get('tokenizer') == 'char':
+        itos = tokenizer['itos']
+        stoi = {ch: i for i, ch in enumerate(itos)}
+
+        def encode(s):
+            missing = sorted(set(s) - set(stoi))
+            if missing:
+                raise ConfigError(f"the prompt has characters not in the model's vocabulary: {missing!r}; "
+                                  f"use only these: {''.join(itos)!r}")
+            return [stoi[ch] for ch in s]
+        return encode, lambda ids: ''.join(itos[i] for i in ids)
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    return lambda s: enc.encode(s, allowed_special={'<|endoftext|>'}), enc.decode
+
+
+def main(argv):
+    c = parse_config(DEFAULTS, argv)
+    if c['max_new_tokens'] <= 0:
+        raise ConfigError(f"max_new_tokens must be positive, got {c['max_new_tokens']}")
+    if c['num_samples'] <= 0:
+        raise ConfigError(f"num_samples must be positive, got {c['num_samples']}")
+    if c['temperature'] < 0:
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {c['temperature']}")
+    if c['top_k'] < 0:
+        raise ConfigError(f"top_k must be >= 0 (0 = no limit), got {c['top_k']}")
+    if c['mode'] not in ('auto', 'rnn', 'parallel'):
+        raise ConfigError(f"mode must be 'auto', 'rnn' or 'parallel', got '{c['mode']}'")
+    device = resolve_device(c['device'])
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    dtype = resolve_dtype(c['dtype'], device_type)
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+    ckpt = load_checkpoint(Path(c['out_dir']) / 'ckpt.pt', device)
+    model_type = ckpt['model_type']
+    mode = c['mode'] if c['mode'] != 'auto' else ('rnn' if model_type == 'rwkv' else 'parallel')
+    if mode == 'rnn' and model_type != 'rwkv':
+        raise ConfigError("mode='rnn' needs an RWKV model; this checkpoint is a GPT: use --mode=parallel")
+    model = model_from_checkpoint(ckpt)
+    model.eval().to(device)
+    encode, decode = get_codec(ckpt.get('tokenizer', {'tokenizer': 'gpt2'}))
+
+    start = c['start']
+    if start.startswith('FILE:'):
+        path = Path(start[len('FILE:'):])
+        if not path.is_file():
+            raise ConfigError(f"prompt file {path} not found")
+        start = path.read_text(encoding='utf-8')
+    ids = encode(start)
+    if not ids:
+        raise ConfigError("the prompt is empty; give at least one token with --start")
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
+
+    torch.manual_seed(c['seed'])
+    top_k = c['top_k'] or None
+    kwargs = {'mode': mode} if model_type == 'rwkv' else {}
+    with torch.no_grad(), ctx:
+        for _ in range(c['num_samples']):
+            y = model.generate(x, c['max_new_tokens'], temperature=c['temperature'], top_k=top_k, **kwargs)
+            print(decode(y[0].tolist()))
+            print('---------------')
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"sample.py: error: {e}")

@@ -1,0 +1,214 @@
+"""Both models: shapes and loss, RWKV's initialisation against RWKV-v4neo's formulas, parallel = chunked = RNN mode,
+causality, optimizer groups, L2Wrap, and the FLOP counts behind MFU against torch's own FLOP counter."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from model_gpt import GPT, GPTConfig
+from model_rwkv import RWKV, RWKVConfig, L2Wrap
+
+
+def tiny_rwkv(dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(block_size=16, vocab_size=37, n_layer=3, n_embd=12, wkv_backend='torch')
+    args.update(kw)
+    model = RWKV(RWKVConfig(**args))
+    # v4neo's init zeroes several matrices, which would hide bugs in the paths they feed: randomise everything
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if 'time_' not in n:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def tiny_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=12, bias=True)
+    args.update(kw)
+    return GPT(GPTConfig(**args)).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_gpt, lambda: tiny_rwkv(torch.float32)])
+def test_shapes_and_loss(make):
+    model = make()
+    idx = torch.randint(0, 37, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 37)
+    want = F.cross_entropy(logits.reshape(-1, 37), idx.reshape(-1))
+    torch.testing.assert_close(loss, want)
+    logits, loss = model(idx)
+    assert logits.shape == (3, 1, 37) and loss is None
+
+
+@pytest.mark.parametrize("model_type", ['gpt', 'rwkv'])
+def test_initial_loss_is_near_uniform(model_type):
+    torch.manual_seed(0)
+    if model_type == 'gpt':
+        model = GPT(GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=64))
+    else:
+        model = RWKV(RWKVConfig(block_size=32, vocab_size=65, n_layer=2, n_embd=64, emb_init=1e-3))
+    idx, targets = torch.randint(0, 65, (2, 4, 32))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(65)) < 0.3
+
+
+def test_rwkv_init_follows_v4neo_formulas():
+    # the formulas of RWKV-v4neo/src/model.py (RWKV_TimeMix, RWKV_ChannelMix, generate_init_weight), in plain Python
+    L, C, V, emb_init = 3, 7, 11, 5e-4
+    torch.manual_seed(0)
+    model = RWKV(RWKVConfig(block_size=8, vocab_size=V, n_layer=L, n_embd=C, emb_init=emb_init))
+    for i, block in enumerate(model.blocks):
+        r01, r10 = i / (L - 1), 1 - i / L
+        decay = [-5 + 8 * (h / (C - 1)) ** (0.7 + 1.3 * r01) for h in range(C)]
+        first = [math.log(0.3) + 0.5 * ((h + 1) % 3 - 1) for h in range(C)]
+        ramp = [h / C for h in range(C)]
+        expect = {
+            'att.time_decay': decay, 'att.time_first': first,
+            'att.time_mix_k': [x ** r10 for x in ramp], 'att.time_mix_v': [x ** r10 + 0.3 * r01 for x in ramp],
+            'att.time_mix_r': [x ** (0.5 * r10) for x in ramp],
+            'ffn.time_mix_k': [x ** r10 for x in ramp], 'ffn.time_mix_r': [x ** r10 for x in ramp],
+        }
+        params = dict(block.named_parameters())
+        for name, values in expect.items():
+            got = params[name].detach().flatten().double()
+            torch.testing.assert_close(got, torch.tensor(values, dtype=torch.float64), rtol=1e-6, atol=1e-6,
+                                       msg=lambda m: f"layer {i} {name}: {m}")
+        assert params['att.time_mix_k'].shape == (1, 1, C)  # RWKV-LM's checkpoint shape
+        for name in ['att.key', 'att.receptance', 'att.output', 'ffn.value', 'ffn.receptance']:
+            assert torch.count_nonzero(params[name + '.weight']) == 0, name
+        for name, gain in [('att.value', 1.0), ('ffn.key', 2.0)]:  # ffn.key is (4C, C): gain sqrt(4C / C)
+            W = params[name + '.weight'].detach().double()
+            eye = torch.eye(min(W.shape), dtype=torch.float64)
+            gram = W.T @ W if W.shape[0] >= W.shape[1] else W @ W.T
+            torch.testing.assert_close(gram, gain ** 2 * eye, rtol=1e-5, atol=1e-5)
+        for ln in ['ln1', 'ln2']:
+            assert torch.all(params[ln + '.weight'] == 1) and torch.all(params[ln + '.bias'] == 0)
+    H = model.head.weight.detach().double()  # (V, C), V > C: tall, gain 0.5 * sqrt(V / C)
+    torch.testing.assert_close(H.T @ H, 0.25 * V / C * torch.eye(C, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    E = model.emb.weight.detach()
+    assert E.abs().max() <= emb_init and E.abs().max() > 0.5 * emb_init
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
+def test_rwkv_parallel_chunked_and_rnn_modes_agree(dtype, tol):
+    model = tiny_rwkv(dtype)
+    B, T = 2, 13
+    idx = torch.randint(0, 37, (B, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(idx, idx)  # the training path
+        whole, state_whole = model.prefill(idx)
+        state, chunks = None, []
+        for lo, hi in [(0, 5), (5, 6), (6, 13)]:
+            logits, state = model.prefill(idx[:, lo:hi], state)
+            chunks.append(logits)
+        chunked = torch.cat(chunks, dim=1)
+        state_rnn, steps = None, []
+        for t in range(T):
+            logits, state_rnn = model.step(idx[:, t], state_rnn)
+            steps.append(logits)
+        rnn = torch.stack(steps, dim=1)
+    assert whole.abs().max() > 1.0  # non-trivial logits
+    assert state.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert state.shape == (3, 5, B, 12)
+    for name, got in [('forward', full), ('chunked prefill', chunked), ('token-by-token step', rnn)]:
+        diff = (got - whole).abs().max().item()
+        assert diff <= tol, f"{name} differs from whole-sequence prefill by {diff}"
+    for got in (state, state_rnn):
+        torch.testing.assert_close(got, state_whole, rtol=tol, atol=tol)
+
+
+def test_bf16_state_stays_fp32():
+    model = tiny_rwkv(torch.float32)
+    idx = torch.randint(0, 37, (2, 5))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        _, state = model.prefill(idx)
+        logits, state = model.step(idx[:, 0], state)
+    assert state.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("make", [tiny_gpt, lambda: tiny_rwkv(torch.float64)])
+def test_causal(make):
+    # changing a future token must not change any earlier logits
+    model = make()
+    idx = torch.randint(0, 37, (1, 12), generator=torch.Generator().manual_seed(3))
+    idx2 = idx.clone()
+    idx2[0, 8] = (idx[0, 8] + 1) % 37
+    with torch.no_grad():
+        a, _ = model(idx, idx)
+        b, _ = model(idx2, idx2)
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_rwkv_generate_rnn_equals_parallel_greedy():
+    model = tiny_rwkv(torch.float64)
+    idx = torch.randint(0, 37, (2, 4), generator=torch.Generator().manual_seed(4))
+    a = model.generate(idx, 20, temperature=0, mode='rnn')
+    b = model.generate(idx, 20, temperature=0, mode='parallel')
+    assert a.shape == (2, 24)
+    assert torch.equal(a, b)
+
+
+def test_rwkv_optimizer_groups():
+    model = tiny_rwkv(torch.float32)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu', lr_scale=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [names[id(p)] for g in opt.param_groups for p in g['params']]
+    assert sorted(seen) == sorted(names.values())  # every parameter exactly once
+    for g in opt.param_groups:
+        group = [names[id(p)] for p in g['params']]
+        if g['weight_decay'] > 0:
+            assert all(n.endswith('.weight') and 'ln' not in n for n in group)
+            assert {n for n in names.values() if n.endswith(('key.weight', 'head.weight', 'emb.weight'))} <= set(group)
+        if g['lr_scale'] == 2.0:
+            assert all(n.endswith('time_decay') for n in group) and len(group) == 3
+        if g['lr_scale'] == 3.0:
+            assert all(n.endswith('time_first') for n in group) and len(group) == 3
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu', lr_scale=False)
+    assert {g['lr_scale'] for g in opt.param_groups} == {1.0}
+
+
+def test_l2wrap_gradient():
+    # RWKV-v4neo L2Wrap: d/dlogits gets 1e-4 / (B*T) * max at each position's argmax, on top of the loss gradient
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    loss = (logits ** 3).sum()
+    g_plain, = torch.autograd.grad(loss, logits, retain_graph=True)
+    g_wrap, = torch.autograd.grad(L2Wrap.apply(loss, logits), logits)
+    extra = g_wrap - g_plain
+    m, i = logits.detach().max(-1)
+    want = torch.zeros_like(extra).scatter_(-1, i.unsqueeze(-1), (1e-4 / 6 * m).unsqueeze(-1))
+    torch.testing.assert_close(extra, want)
+
+
+def measured_train_flops(model, B, T):
+    idx = torch.randint(0, model.config.vocab_size, (B, T))
+    counter = FlopCounterMode(display=False)
+    # the math SDPA backend is made of matmuls the counter sees; the fused CPU kernel is not counted
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        _, loss = model(idx, idx)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def test_rwkv_flops_per_token_matches_flop_counter():
+    torch.manual_seed(0)
+    B, T = 2, 16
+    model = RWKV(RWKVConfig(block_size=T, vocab_size=37, n_layer=2, n_embd=24, wkv_backend='torch'))
+    assert model.flops_per_token() * B * T == measured_train_flops(model, B, T)
+    # an independent count from the shapes: per layer 4 C^2 (att) + 2 C F + C^2 (ffn), plus the head V C
+    C, F_, V, L = 24, 96, 37, 2
+    assert model.flops_per_token() == 6 * (L * (4 * C * C + 2 * C * F_ + C * C) + V * C)
+
+
+def test_gpt_flops_per_token_matches_flop_counter():
+    torch.manual_seed(0)
+    B, T = 2, 16
+    model = GPT(GPTConfig(block_size=T, vocab_size=37, n_layer=2, n_head=2, n_embd=24, bias=False))
+    measured = measured_train_flops(model, B, T)
+    # 6N counts LayerNorm gains as if they were matmul weights; they are 0.5% here
+    assert measured == pytest.approx(model.flops_per_token() * B * T, rel=0.01)

@@ -1,0 +1,205 @@
+"""train.py and sample.py end to end, as a user runs them (subprocesses), on a tiny generated dataset."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from train import DEFAULTS, ConfigError, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args, cwd=None):
+    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    """A char dataset from a small random Markov chain: learnable structure, nothing to download."""
+    d = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(0)
+    itos = list('abcdefgh \n')
+    V = len(itos)
+    trans = rng.dirichlet(np.full(V, 0.2), size=V)  # peaked next-character distributions
+    ids = [0]
+    for _ in range(40000):
+        ids.append(rng.choice(V, p=trans[ids[-1]]))
+    ids = np.array(ids, dtype=np.uint16)
+    ids[:36000].tofile(d / 'train.bin')
+    ids[36000:].tofile(d / 'val.bin')
+    (d / 'meta.json').write_text(json.dumps({'tokenizer': 'char', 'vocab_size': V, 'itos': itos}))
+    return d
+
+
+def tiny_args(model_type, data_dir, out_dir, max_iters):
+    return [f'--model_type={model_type}', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--device=cpu',
+            '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=8',
+            '--gradient_accumulation_steps=2', f'--max_iters={max_iters}', '--eval_interval=30', '--eval_iters=5',
+            '--learning_rate=3e-3', '--warmup_iters=5', '--lr_decay_iters=90', '--min_lr=3e-4', '--log_interval=10',
+            '--always_save_checkpoint=True', '--wkv_backend=torch', '--peak_flops=1e11']
+
+
+def eval_lines(stdout):
+    return [(int(s), float(t), float(v)) for s, t, v in
+            re.findall(r'step (\d+): train loss ([\d.]+), val loss ([\d.]+)', stdout)]
+
+
+@pytest.fixture(scope='module', params=['gpt', 'rwkv'])
+def trained(request, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f'out-{request.param}')
+    r = run('train.py', *tiny_args(request.param, dataset, out, 60))
+    assert r.returncode == 0, r.stderr
+    return request.param, out, r.stdout
+
+
+def test_train_loss_goes_down(trained):
+    model_type, out, stdout = trained
+    evals = eval_lines(stdout)
+    assert [s for s, _, _ in evals] == [0, 30, 60]
+    assert evals[-1][2] < evals[0][2] - 0.4, evals  # val loss from ~ln(10) = 2.3 down towards the chain's entropy
+    assert re.search(r'iter 50: loss [\d.]+, time [\d.]+ms, tok/s [\d,]+, mfu [\d.]+%', stdout)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['model_type'] == model_type and ckpt['iter_num'] == 60
+    assert ckpt['config']['model_type'] == model_type and ckpt['tokenizer']['tokenizer'] == 'char'
+    assert not list(out.glob('*.tmp'))  # the atomic write left nothing behind
+
+
+def test_resume_continues_from_saved_iteration(trained, dataset, tmp_path):
+    model_type, out, _ = trained
+    resumed = tmp_path / 'out'
+    resumed.mkdir()
+    (resumed / 'ckpt.pt').write_bytes((out / 'ckpt.pt').read_bytes())
+    before = torch.load(resumed / 'ckpt.pt', weights_only=True)
+    # the model_type given on the command line is wrong on purpose: the checkpoint decides
+    other = 'rwkv' if model_type == 'gpt' else 'gpt'
+    args = tiny_args(other, dataset, resumed, 90) + ['--init_from=resume']
+    r = run('train.py', *args)
+    assert r.returncode == 0, r.stderr
+    evals = eval_lines(r.stdout)
+    assert [s for s, _, _ in evals] == [60, 90]
+    # the first evaluation after resuming sees the saved weights: its val loss is the saved run's last one
+    assert abs(evals[0][2] - before['best_val_loss']) < 0.15
+    after = torch.load(resumed / 'ckpt.pt', weights_only=True)
+    assert after['iter_num'] == 90 and after['model_type'] == model_type
+    assert after['optimizer']['state'][0]['step'] > before['optimizer']['state'][0]['step']
+
+
+@pytest.mark.parametrize('mode', ['rnn', 'parallel'])
+def test_sample_both_modes(trained, mode):
+    model_type, out, _ = trained
+    if model_type == 'gpt' and mode == 'rnn':
+        r = run('sample.py', f'--out_dir={out}', '--mode=rnn', '--device=cpu')
+        assert r.returncode != 0 and 'Traceback' not in r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("sample.py: error: mode='rnn' needs an RWKV model")
+        return
+    r = run('sample.py', f'--out_dir={out}', f'--mode={mode}', '--start=abc', '--num_samples=2',
+            '--max_new_tokens=40', '--device=cpu')
+    assert r.returncode == 0, r.stderr
+    samples = r.stdout.split('---------------\n')
+    texts = [s for s in samples if s.strip()]
+    assert len(texts) == 2
+    for text in texts:
+        body = text[:-1] if text.endswith('\n') else text  # print() adds one newline
+        assert body.startswith('abc') and len(body) == 43 and set(body) <= set('abcdefgh \n')
+
+
+def test_sample_rwkv_rnn_and_parallel_greedy_agree(trained, tmp_path):
+    model_type, out, _ = trained
+    if model_type != 'rwkv':
+        pytest.skip('RNN mode is RWKV only')
+    (tmp_path / 'prompt.txt').write_text('hgfe dcba')
+    outs = []
+    for mode in ('rnn', 'parallel'):
+        r = run('sample.py', f'--out_dir={out}', f'--mode={mode}', f'--start=FILE:{tmp_path / "prompt.txt"}',
+                '--num_samples=1', '--max_new_tokens=30', '--temperature=0', '--device=cpu')
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[1] and outs[0].startswith('hgfe dcba')
+
+
+def one_line_error(r, script, fragment):
+    assert r.returncode != 0
+    assert 'Traceback' not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith(f'{script}: error:') and fragment in lines[-1], r.stderr
+
+
+def test_sample_bad_inputs(trained, tmp_path):
+    _, out, _ = trained
+    one_line_error(run('sample.py', f'--out_dir={tmp_path}'), 'sample.py', 'no checkpoint at')
+    one_line_error(run('sample.py', f'--out_dir={out}', '--start=xyz'), 'sample.py', "not in the model's vocabulary")
+    one_line_error(run('sample.py', f'--out_dir={out}', '--max_new_tokens=0'), 'sample.py', 'must be positive')
+    one_line_error(run('sample.py', f'--out_dir={out}', '--start=FILE:nope.txt'), 'sample.py', 'not found')
+    (tmp_path / 'ckpt.pt').write_bytes(b'this is not a checkpoint')
+    one_line_error(run('sample.py', f'--out_dir={tmp_path}'), 'sample.py', 'not a readable nanoRWKV checkpoint')
+
+
+def test_config_file_and_overrides(tmp_path):
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text("import math\nbatch_size = 4\nlearning_rate = 1  # an int may stand for a float\n"
+                   "model_type = 'gpt'\n")
+    c = parse_config(DEFAULTS, [str(cfg), '--batch_size=8', '--min_lr=0', '--compile=True', '--dataset=foo'])
+    assert c['batch_size'] == 8 and c['model_type'] == 'gpt' and c['dataset'] == 'foo' and c['compile'] is True
+    assert c['learning_rate'] == 1.0 and type(c['learning_rate']) is float and type(c['min_lr']) is float
+    assert DEFAULTS['batch_size'] == 12  # the defaults are not modified
+
+
+@pytest.mark.parametrize('argv,fragment', [
+    (['--learnig_rate=1e-3'], "unknown config key 'learnig_rate' in --learnig_rate; did you mean 'learning_rate'?"),
+    (['--batch_size=1.5'], "config key 'batch_size' in --batch_size expects int, got 1.5 (float)"),
+    (['--compile=yes'], "expects bool, got 'yes'"),
+    (['--max_iters'], 'must look like --key=value'),
+    (['config/does_not_exist.py'], 'config file config/does_not_exist.py not found'),
+])
+def test_config_errors(argv, fragment):
+    with pytest.raises(ConfigError) as e:
+        parse_config(DEFAULTS, argv)
+    assert fragment in str(e.value)
+
+
+def test_config_file_unknown_key(tmp_path):
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text("n_embed = 128\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'n_embed' in .*cfg.py; did you mean 'n_embd'\?"):
+        parse_config(DEFAULTS, [str(cfg)])
+
+
+def test_train_errors_are_one_line(tmp_path):
+    one_line_error(run('train.py', '--n_layr=2'), 'train.py', "did you mean 'n_layer'?")
+    one_line_error(run('train.py', f'--data_dir={tmp_path}', '--device=cpu'), 'train.py',
+                   'train.bin not found in')
+    one_line_error(run('train.py', '--model_type=lstm'), 'train.py', "model_type must be 'gpt' or 'rwkv'")
+
+
+def test_train_prepares_missing_dataset(tmp_path):
+    # a dataset directory with a prepare.py but no train.bin: train.py runs prepare.py first and says so
+    d = tmp_path / 'mini'
+    d.mkdir()
+    (d / 'prepare.py').write_text(
+        "import json, numpy as np, pathlib\n"
+        "d = pathlib.Path(__file__).parent\n"
+        "ids = (np.arange(3000) % 7).astype(np.uint16)\n"
+        "ids[:2700].tofile(d / 'train.bin'); ids[2700:].tofile(d / 'val.bin')\n"
+        "(d / 'meta.json').write_text(json.dumps({'tokenizer': 'char', 'vocab_size': 7, 'itos': list('abcdefg')}))\n")
+    r = run('train.py', *tiny_args('rwkv', d, tmp_path / 'out', 2))
+    assert r.returncode == 0, r.stderr
+    assert 'train.bin not found in' in r.stdout and 'running' in r.stdout
+    assert (d / 'train.bin').is_file()
+
+
+def test_block_size_larger_than_data(dataset, tmp_path):
+    one_line_error(run('train.py', *tiny_args('gpt', dataset, tmp_path, 2), '--block_size=5000'), 'train.py',
+                   'use a smaller --block_size')
+
+
+def test_defaults_are_train_py_globals():
+    # every key is a module-level default of train.py with its type
+    for k, v in DEFAULTS.items():
+        assert getattr(train, k) == v
