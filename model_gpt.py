@@ -120,7 +120,6 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith('c_proj.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        print(f"number of parameters: {self.get_num_params() / 1e6:.2f}M")
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

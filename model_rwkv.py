@@ -167,7 +167,6 @@ class RWKV(nn.Module):
         self.ln_out = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self._init_weights()
-        print(f"number of parameters: {self.get_num_params() / 1e6:.2f}M")
 
     @torch.no_grad()
     def _init_weights(self):

@@ -319,6 +319,8 @@ def main(argv):
         model = model_from_checkpoint(checkpoint)
         iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     model.to(device)
+    if master:
+        print(f"{c['model_type']}: {model.get_num_params() / 1e6:.2f}M parameters (non-embedding)")
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     betas = (c['beta1'], c['beta2'])

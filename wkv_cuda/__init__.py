@@ -4,7 +4,8 @@ The WKV operator of RWKV-4 behind one entry point, used by model_rwkv.py:
     y, new_state = wkv(time_decay, time_first, k, v, state=None, backend='auto')
 
 Shapes: time_decay, time_first (C,); k, v (B, T, C); state = (aa, bb, pp), each (B, C). y is (B, T, C) in k's dtype;
-the state is kept in fp32 (fp64 when the inputs are fp64) whatever the input dtype.
+the state is fp32 (fp64 for fp64 inputs) whatever the input dtype. Gradients flow to all inputs, the incoming state
+included, so training can carry the state across chunks with full backprop.
 
 Math (RWKV-LM RWKV-v4neo/cuda/wkv_cuda.cu, paper eq. 14), per channel, with w = -exp(time_decay) < 0, u = time_first:
 
@@ -14,13 +15,23 @@ computed as an RNN over (aa, bb, pp): aa and bb are the numerator and denominato
 the largest exponent seen so far. Every exp() then has an argument <= 0, so keys in the hundreds cannot overflow.
 The initial state is aa = bb = 0, pp = -1e38 (RWKV-LM's "minus infinity" that stays finite under + w).
 
-Backends: 'torch' is the pure-PyTorch reference below (a Python loop over T, vectorised over B x C, with a
-hand-written backward); tests/test_wkv.py checks it against the O(T^2) softmax form and autograd.
+Backends (config `wkv_backend`):
+- 'torch': the pure-PyTorch reference below (Python loop over T, vectorised over B x C, hand-written backward);
+- 'cpu':   wkv_cpu.cpp, compiled on first use (at::parallel_for over B x C, SIMD over channels);
+- 'cuda':  wkv_cuda.cu, compiled on first use (one thread per channel; fp32/fp64/bf16 inputs, fp32 state);
+- 'auto':  the compiled kernel for the tensors' device; if it cannot be built, says why once and uses 'torch'.
+An explicitly requested compiled backend that cannot be built is an error. The compiled kernels are registered as
+the custom ops torch.ops.nanorwkv.wkv_forward / wkv_backward, so torch.compile keeps them in its graph.
 """
+import sys
+from pathlib import Path
+
 import torch
 
+HERE = Path(__file__).resolve().parent
 BACKENDS = ('auto', 'cuda', 'cpu', 'torch')
-_announced = False
+_extensions = {}  # 'cpu' / 'cuda' -> the loaded module, or the exception its build raised
+_announced = set()
 
 
 def initial_state(B, C, device=None, dtype=torch.float32):
@@ -31,8 +42,12 @@ def initial_state(B, C, device=None, dtype=torch.float32):
     return aa, bb, pp
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# the pure-PyTorch reference
+
 def wkv_step(w, u, k, v, aa, bb, pp):
-    """One token of the recurrence. w = -exp(time_decay); all tensors broadcast to (B, C). Returns y, aa, bb, pp."""
+    """One token of the recurrence (the same as wkv_math.h). w = -exp(time_decay); tensors broadcast to (B, C).
+    Returns y, aa, bb, pp."""
     # output: the running sums plus the current token with its "first" bonus u
     ww = u + k
     p = torch.maximum(pp, ww)
@@ -48,27 +63,25 @@ def wkv_step(w, u, k, v, aa, bb, pp):
 
 
 class WKVTorch(torch.autograd.Function):
-    """Pure-PyTorch reference: a Python loop over T, vectorised over B x C, with a hand-written backward (about 4x
-    faster than autograd through the loop). The backward keeps every quantity max-shifted like the forward.
+    """The reference: a Python loop over T with a hand-written backward (4x faster than autograd through the loop),
+    every quantity max-shifted like the forward. Inputs w = -exp(time_decay) and u in the accumulator dtype.
 
     Gradients, with D_t = e1 * bb_t + e2 the shifted denominator of y_t and (f1, f2) the factors of the state update
     aa_{t+1} = f1 * aa_t + f2 * v_t (see wkv_step), and gaa_t = dL/daa_t at fixed pp_t, gbb_t likewise:
         gk_t = gy_t * e2 * (v_t - y_t) / D_t + f2 * (gaa_{t+1} * v_t + gbb_{t+1})
         gv_t = gy_t * e2 / D_t + f2 * gaa_{t+1}
         gu   = sum_t gy_t * e2 * (v_t - y_t) / D_t
-        gw   = sum_t f1 * (aa_t * gaa_{t+1} + bb_t * gbb_{t+1})          (then g_time_decay = gw * w)
+        gw   = sum_t f1 * (aa_t * gaa_{t+1} + bb_t * gbb_{t+1})
         gaa_t = gy_t * e1 / D_t + f1 * gaa_{t+1},   gbb_t = -gy_t * y_t * e1 / D_t + f1 * gbb_{t+1}
     The factors e1, e2, f1, f2 are all <= 1 and bb_t >= 1 after the first token, so nothing here can overflow.
     pp is only a shift (the state means aa * e^pp, bb * e^pp), so the gradient that flows into the incoming pp is
-    gaa_0 * aa_0 + gbb_0 * bb_0, and a gradient arriving on the outgoing pp is implied by those on aa and bb."""
+    gaa_0 * aa_0 + gbb_0 * bb_0, and a gradient arriving on the outgoing pp is implied by those on aa and bb: the
+    consumer of a state must depend on it only through aa * e^pp and bb * e^pp, as the next chunk's WKV does."""
 
     @staticmethod
-    def forward(ctx, time_decay, time_first, k, v, aa, bb, pp):
+    def forward(ctx, w, u, k, v, aa, bb, pp):
         B, T, C = k.shape
-        acc = aa.dtype
-        w = -torch.exp(time_decay.to(acc))  # (C,)
-        u = time_first.to(acc)  # (C,)
-        kf, vf = k.to(acc), v.to(acc)  # (B, T, C)
+        kf, vf = k.to(w.dtype), v.to(w.dtype)  # (B, T, C)
         ys, states = [], []
         for t in range(T):
             states.append((aa, bb, pp))
@@ -77,20 +90,18 @@ class WKVTorch(torch.autograd.Function):
         y = torch.stack(ys, dim=1)  # (B, T, C)
         saa, sbb, spp = (torch.stack(s, dim=1) for s in zip(*states))  # each (B, T, C): the state before token t
         ctx.save_for_backward(w, u, kf, vf, y, saa, sbb, spp)
-        ctx.in_dtypes = (time_decay.dtype, time_first.dtype, k.dtype, v.dtype)
+        ctx.in_dtype = k.dtype
         return y.to(k.dtype), aa, bb, pp
 
     @staticmethod
     def backward(ctx, gy, gaa, gbb, gpp):
         w, u, k, v, y, saa, sbb, spp = ctx.saved_tensors
         B, T, C = k.shape
-        acc = w.dtype
-        gy = gy.to(acc)
-        gaa = torch.zeros(B, C, dtype=acc, device=k.device) if gaa is None else gaa.to(acc)
-        gbb = torch.zeros(B, C, dtype=acc, device=k.device) if gbb is None else gbb.to(acc)
+        gy = gy.to(w.dtype)
+        gaa = torch.zeros_like(saa[:, 0]) if gaa is None else gaa
+        gbb = torch.zeros_like(saa[:, 0]) if gbb is None else gbb
         gk, gv = torch.empty_like(k), torch.empty_like(v)
-        gw = torch.zeros(B, C, dtype=acc, device=k.device)
-        gu = torch.zeros(B, C, dtype=acc, device=k.device)
+        gw, gu = torch.zeros_like(gaa), torch.zeros_like(gaa)  # per batch row, (B, C)
         for t in reversed(range(T)):
             kt, vt, yt, gyt = k[:, t], v[:, t], y[:, t], gy[:, t]
             aa, bb, pp = saa[:, t], sbb[:, t], spp[:, t]
@@ -109,35 +120,133 @@ class WKVTorch(torch.autograd.Function):
             gu += gyu
             gw += f1 * (aa * gaa + bb * gbb)
             gaa, gbb = gd * e1 + f1 * gaa, -gd * yt * e1 + f1 * gbb
-        g_decay = (gw.sum(0) * w)  # dw/dtime_decay = -exp(time_decay) = w; per-batch sums reduced here
-        aa0, bb0 = saa[:, 0], sbb[:, 0]
-        gpp0 = gaa * aa0 + gbb * bb0
-        td, tf, kd, vd = ctx.in_dtypes
-        return g_decay.to(td), gu.sum(0).to(tf), gk.to(kd), gv.to(vd), gaa, gbb, gpp0
+        gpp = gaa * saa[:, 0] + gbb * sbb[:, 0]
+        return gw.sum(0), gu.sum(0), gk.to(ctx.in_dtype), gv.to(ctx.in_dtype), gaa, gbb, gpp
 
 
-def wkv_torch(time_decay, time_first, k, v, state=None):
-    B, T, C = k.shape
-    acc = torch.promote_types(k.dtype, torch.float32)  # accumulate in fp32 (fp64 stays fp64)
-    aa, bb, pp = initial_state(B, C, k.device, acc) if state is None else (s.to(acc) for s in state)
-    y, aa, bb, pp = WKVTorch.apply(time_decay, time_first, k, v, aa, bb, pp)
-    return y, (aa, bb, pp)
+# ---------------------------------------------------------------------------------------------------------------------
+# the compiled kernels
 
+def build_extension(kind, build_directory=None, verbose=False):
+    """Compile (or load from torch's extension cache) the 'cpu' or 'cuda' kernels. Sources are found next to this
+    file, so any working directory works. The CUDA build also contains the CPU kernel."""
+    from torch.utils.cpp_extension import load
+    sources = [HERE / 'wkv_op.cpp', HERE / 'wkv_cpu.cpp']
+    # -ffast-math lets gcc vectorise expf through glibc's libmvec; the recurrence never produces inf or NaN
+    cflags = ['-O3', '-fopenmp', '-ffast-math']
+    kwargs = {}
+    if kind == 'cuda':
+        sources.append(HERE / 'wkv_cuda.cu')
+        cflags.append('-DWKV_WITH_CUDA')
+        kwargs['extra_cuda_cflags'] = ['-O3', '-res-usage', '-Xptxas=-O3']
+    return load(name=f'nanorwkv_wkv_{kind}', sources=[str(s) for s in sources], extra_cflags=cflags,
+                extra_ldflags=['-fopenmp'], build_directory=build_directory, verbose=verbose, **kwargs)
+
+
+def get_extension(kind):
+    if kind not in _extensions:
+        try:
+            _extensions[kind] = build_extension(kind)
+        except Exception as e:  # compilers fail in many ways (missing ninja, nvcc, headers): keep the reason
+            _extensions[kind] = e
+    return _extensions[kind]
+
+
+def build_hint(kind, error):
+    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    hint = "pip install ninja and make sure a C++ compiler (g++) is on PATH"
+    if kind == 'cuda':
+        hint += ", nvcc is installed and CUDA_HOME points at it (e.g. export CUDA_HOME=/usr/local/cuda)"
+    return f"{first} (hint: {hint})"
+
+
+Tensor = torch.Tensor
+
+
+def _kernel_forward_impl(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor,
+                         pp: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ext = get_extension('cuda' if k.is_cuda else 'cpu')
+    return tuple(ext.forward(w, u, k, v, aa, bb, pp))
+
+
+def _kernel_backward_impl(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor,
+                          gy: Tensor, gaa: Tensor, gbb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                          Tensor, Tensor]:
+    ext = get_extension('cuda' if k.is_cuda else 'cpu')
+    return tuple(ext.backward(w, u, k, v, aa, bb, pp, gy, gaa, gbb))
+
+
+wkv_forward = torch.library.custom_op('nanorwkv::wkv_forward', mutates_args=())(_kernel_forward_impl)
+wkv_backward = torch.library.custom_op('nanorwkv::wkv_backward', mutates_args=())(_kernel_backward_impl)
+
+
+@wkv_forward.register_fake
+def _(w, u, k, v, aa, bb, pp):
+    return torch.empty_like(k), torch.empty_like(aa), torch.empty_like(bb), torch.empty_like(pp)
+
+
+@wkv_backward.register_fake
+def _(w, u, k, v, aa, bb, pp, gy, gaa, gbb):
+    return (torch.empty_like(w), torch.empty_like(u), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(aa), torch.empty_like(bb), torch.empty_like(pp))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, gy, gaa, gbb, gpp):
+    w, u, k, v, aa, bb, pp = ctx.saved_tensors
+    gaa = torch.zeros_like(aa) if gaa is None else gaa.contiguous()
+    gbb = torch.zeros_like(bb) if gbb is None else gbb.contiguous()
+    return wkv_backward(w, u, k, v, aa, bb, pp, gy.contiguous(), gaa, gbb)
+
+
+wkv_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the entry point
 
 def resolve_backend(backend, device):
-    """The backend that will run for tensors on `device`; an unknown or unavailable explicit choice is an error."""
+    """The backend that runs for tensors on `device`. An explicit compiled backend that cannot build is an error;
+    'auto' announces its choice once per device type, with the build error if it fell back."""
     if backend not in BACKENDS:
         raise ValueError(f"wkv_backend must be one of {BACKENDS}, got {backend!r}")
-    if backend in ('cuda', 'cpu'):
-        raise RuntimeError(f"wkv_backend={backend!r}: the compiled WKV kernels are not part of this version; "
-                           f"use wkv_backend='torch' (or 'auto')")
-    return 'torch'
+    if backend == 'torch':
+        return 'torch'
+    kind = 'cuda' if device.type == 'cuda' else 'cpu'
+    if backend != 'auto' and backend != kind:
+        raise RuntimeError(f"wkv_backend={backend!r} but the tensors are on {device.type}; use wkv_backend='auto' "
+                           f"or move the model to {backend}")
+    ext = get_extension(kind)
+    if isinstance(ext, Exception):
+        if backend != 'auto':
+            raise RuntimeError(f"wkv_backend={backend!r}: the kernel failed to build: {build_hint(kind, ext)}")
+        chosen = 'torch'
+        note = f"the '{kind}' kernel failed to build: {build_hint(kind, ext)}; using the pure-PyTorch reference"
+    else:
+        chosen = kind
+        note = f"using the compiled '{kind}' kernel"
+    if backend == 'auto' and kind not in _announced:
+        print(f"wkv: backend 'auto' on {device.type}: {note}", file=sys.stderr)
+        _announced.add(kind)
+    return chosen
 
 
 def wkv(time_decay, time_first, k, v, state=None, backend='auto'):
-    global _announced
+    B, T, C = k.shape
     chosen = resolve_backend(backend, k.device)
-    if backend == 'auto' and not _announced:
-        print(f"wkv: backend 'auto' runs '{chosen}' on {k.device.type} (the pure-PyTorch reference)")
-        _announced = True
-    return wkv_torch(time_decay, time_first, k, v, state)
+    acc = torch.float64 if k.dtype == torch.float64 else torch.float32  # accumulator: fp32 unless fp64 inputs
+    w = -torch.exp(time_decay.to(acc))  # (C,) per-step log-decay
+    u = time_first.to(acc)  # (C,)
+    aa, bb, pp = initial_state(B, C, k.device, acc) if state is None else (s.to(acc) for s in state)
+    if chosen == 'torch':
+        y, aa, bb, pp = WKVTorch.apply(w, u, k, v, aa, bb, pp)
+    else:
+        kk, vv = k, v
+        if kk.dtype not in (torch.float32, torch.float64) and not (chosen == 'cuda' and kk.dtype == torch.bfloat16):
+            kk, vv = kk.float(), vv.float()  # fp16 anywhere, bf16 on the CPU: the kernel reads fp32
+        y, aa, bb, pp = wkv_forward(w, u, kk.contiguous(), vv.contiguous(), aa.contiguous(), bb.contiguous(),
+                                    pp.contiguous())
+    return y.to(k.dtype), (aa, bb, pp)

@@ -1,0 +1,140 @@
+"""
+Benchmark the WKV op per backend, and RWKV training throughput per backend next to a GPT of the same size.
+
+$ python benchmarks/bench_wkv.py                          # CPU: the op grid, then the models
+$ python benchmarks/bench_wkv.py --device=cuda --shapes="[(8, 1024, 768)]" --dtypes="['float32', 'bfloat16']"
+
+Times are medians over --repeats runs after a warm-up; ratios are to the 'torch' reference in the same run.
+"""
+import ast
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train import ConfigError, parse_config  # noqa: E402
+from wkv_cuda import wkv  # noqa: E402
+
+DEFAULTS = dict(
+    device='cpu',
+    shapes='[(8, 1024, 512), (8, 256, 512), (3, 11, 5)]',  # (B, T, C) for the op
+    dtypes="['float32']",  # k, v dtype for the op; bfloat16 on CUDA
+    repeats=5,
+    torch_max_t=1024,  # skip the reference above this T (it is a Python loop)
+    model_n_layer=4,  # the training-throughput comparison: RWKV and GPT of the same width and depth
+    model_n_embd=512,
+    model_n_head=8,
+    model_block_size=1024,
+    model_batch_size=4,
+    model_vocab_size=50304,
+    model_iters=3,
+)
+
+
+def sync(device):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    fn()  # warm-up (and, for compiled backends, the build)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_op(c):
+    device = c['device']
+    backends = ['torch', 'cuda' if device.startswith('cuda') else 'cpu']
+    print(f"\n## WKV op, fwd+bwd, device {device}, median of {c['repeats']}")
+    print(f"| backend | dtype | B | T | C | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs torch |")
+    print(f"|---|---|---|---|---|---|---|---|")
+    for dtype_name in ast.literal_eval(c['dtypes']):
+        dtype = getattr(torch, dtype_name)
+        for B, T, C in ast.literal_eval(c['shapes']):
+            g = torch.Generator().manual_seed(0)
+            td = (torch.randn(C, generator=g) - 1).to(device).requires_grad_()
+            tf = torch.randn(C, generator=g).to(device).requires_grad_()
+            k = torch.randn(B, T, C, generator=g).to(device, dtype).requires_grad_()
+            v = torch.randn(B, T, C, generator=g).to(device, dtype).requires_grad_()
+            base = None
+            for backend in backends:
+                if backend == 'torch' and T > c['torch_max_t']:
+                    continue
+
+                def fwd():
+                    with torch.no_grad():
+                        wkv(td, tf, k, v, backend=backend)
+
+                def fwd_bwd():
+                    y, _ = wkv(td, tf, k, v, backend=backend)
+                    y.float().square().sum().backward()
+                repeats = c['repeats'] if backend != 'torch' else max(1, min(c['repeats'], 3))
+                t_f = timed(fwd, device, repeats)
+                t_fb = timed(fwd_bwd, device, repeats)
+                base = t_fb if backend == 'torch' else base
+                ratio = f"{base / t_fb:.1f}x" if base else '-'
+                print(f"| {backend} | {dtype_name} | {B} | {T} | {C} | {t_f * 1e3:.3f} | {t_fb * 1e3:.3f} | {ratio} |",
+                      flush=True)
+
+
+def bench_models(c):
+    from model_gpt import GPT, GPTConfig
+    from model_rwkv import RWKV, RWKVConfig
+    device = c['device']
+    B, T = c['model_batch_size'], c['model_block_size']
+    L, C, V = c['model_n_layer'], c['model_n_embd'], c['model_vocab_size']
+    print(f"\n## training throughput, device {device}: L={L} C={C} V={V}, batch {B} x {T} tokens, fp32, AdamW, "
+          f"median of {c['model_iters']} iterations")
+    print("| model | WKV backend | ms/iter | tokens/s | vs GPT |")
+    print("|---|---|---|---|---|")
+    models = [('gpt', None, lambda: GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=c['model_n_head'],
+                                                   n_embd=C, bias=False)))]
+    kernel = 'cuda' if device.startswith('cuda') else 'cpu'
+    for backend in (kernel, 'torch'):
+        models.append(('rwkv', backend, lambda b=backend: RWKV(RWKVConfig(block_size=T, vocab_size=V, n_layer=L,
+                                                                           n_embd=C, wkv_backend=b))))
+    idx = torch.randint(0, V, (B, T), device=device)
+    gpt_tps = None
+    for name, backend, make in models:
+        torch.manual_seed(0)
+        model = make().to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            _, loss = model(idx, idx)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        dt = timed(step, device, c['model_iters'])
+        tps = B * T / dt
+        gpt_tps = tps if name == 'gpt' else gpt_tps
+        print(f"| {name} | {backend or '-'} | {dt * 1e3:.0f} | {tps:,.0f} | {tps / gpt_tps:.2f}x |", flush=True)
+
+
+def main(argv):
+    c = parse_config(DEFAULTS, argv)
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    name = torch.cuda.get_device_name() if c['device'].startswith('cuda') else platform.processor() or 'cpu'
+    print(f"# bench_wkv.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, {name}, "
+          f"{torch.get_num_threads()} CPU threads, {time.strftime('%Y-%m-%d')}")
+    bench_op(c)
+    bench_models(c)
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"bench_wkv.py: error: {e}")

@@ -1,0 +1,154 @@
+// Python binding of the WKV kernels: checks devices, dtypes, shapes and contiguity with messages that say what to
+// do, allocates the outputs, and passes raw pointers to wkv_cpu.cpp or (built with -DWKV_WITH_CUDA) wkv_cuda.cu.
+// Supported: float32 and float64 everywhere; bfloat16 k, v on CUDA (the caller converts them to float on the CPU).
+// The state and w, u are float32, or float64 for float64 inputs.
+#include <torch/extension.h>
+
+#ifdef WKV_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <vector>
+
+#include "wkv.h"
+
+namespace {
+void check(const torch::Tensor &t, const char *name, at::IntArrayRef shape, at::ScalarType dtype,
+           const torch::Device &device) {
+    TORCH_CHECK(t.device() == device, "wkv: ", name, " is on ", t.device(), " but k is on ", device,
+                "; move all inputs to one device");
+    TORCH_CHECK(t.scalar_type() == dtype, "wkv: ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+    TORCH_CHECK(t.sizes() == shape, "wkv: ", name, " has shape ", t.sizes(), ", expected ", shape);
+    TORCH_CHECK(t.is_contiguous(), "wkv: ", name, " must be contiguous; call .contiguous() on it");
+}
+
+// the accumulator dtype for the element dtype of k and v, or an error for an unsupported one
+at::ScalarType acc_dtype(const torch::Tensor &k) {
+    const auto in = k.scalar_type();
+    if (in == at::kFloat || in == at::kDouble) return in;
+    TORCH_CHECK(in == at::kBFloat16 && k.is_cuda(), "wkv: k has dtype ", in,
+                "; the kernels take float32, float64, or bfloat16 on CUDA");
+    return at::kFloat;
+}
+
+struct Shape {
+    int64_t B, T, C;
+};
+
+Shape check_inputs(const torch::Tensor &w, const torch::Tensor &u, const torch::Tensor &k, const torch::Tensor &v,
+                   const torch::Tensor &aa, const torch::Tensor &bb, const torch::Tensor &pp) {
+    TORCH_CHECK(k.dim() == 3, "wkv: k must be (B, T, C), got shape ", k.sizes());
+    const Shape s{k.size(0), k.size(1), k.size(2)};
+    TORCH_CHECK(s.B > 0 && s.T > 0 && s.C > 0, "wkv: empty input, k has shape ", k.sizes());
+    const auto acc = acc_dtype(k);
+    const auto dev = k.device();
+    check(k, "k", k.sizes(), k.scalar_type(), dev);
+    check(v, "v", k.sizes(), k.scalar_type(), dev);
+    check(w, "w", {s.C}, acc, dev);
+    check(u, "u", {s.C}, acc, dev);
+    check(aa, "aa", {s.B, s.C}, acc, dev);
+    check(bb, "bb", {s.B, s.C}, acc, dev);
+    check(pp, "pp", {s.B, s.C}, acc, dev);
+    return s;
+}
+
+#ifdef WKV_WITH_CUDA
+void check_launch(const char *err) { TORCH_CHECK(err == nullptr, "wkv: CUDA kernel launch failed: ", err); }
+
+template <typename P>
+P *ptr(const torch::Tensor &t) { return reinterpret_cast<P *>(t.data_ptr()); }
+#endif
+}  // namespace
+
+std::vector<torch::Tensor> forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
+                                   torch::Tensor aa, torch::Tensor bb, torch::Tensor pp) {
+    const auto s = check_inputs(w, u, k, v, aa, bb, pp);
+    auto y = torch::empty_like(k);
+    auto aa_out = torch::empty_like(aa), bb_out = torch::empty_like(bb), pp_out = torch::empty_like(pp);
+    if (k.is_cuda()) {
+#ifdef WKV_WITH_CUDA
+        const c10::cuda::CUDAGuard guard(k.device());
+        void *stream = c10::cuda::getCurrentCUDAStream().stream();
+        const auto in = k.scalar_type();
+#define WKV_FWD(IN, ACC)                                                                                      \
+    check_launch(wkv_forward_cuda<IN, ACC>(s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u),     \
+                                           ptr<const IN>(k), ptr<const IN>(v), ptr<const ACC>(aa), \
+                                           ptr<const ACC>(bb), ptr<const ACC>(pp), ptr<IN>(y),     \
+                                           ptr<ACC>(aa_out), ptr<ACC>(bb_out), ptr<ACC>(pp_out),   \
+                                           stream))
+        if (in == at::kFloat) WKV_FWD(float, float);
+        else if (in == at::kDouble) WKV_FWD(double, double);
+        else WKV_FWD(uint16_t, float);
+#undef WKV_FWD
+#else
+        TORCH_CHECK(false, "wkv: this build of the kernels has no CUDA; use wkv_backend='cuda' to build the CUDA one");
+#endif
+    } else if (k.scalar_type() == at::kFloat) {
+        wkv_forward_cpu<float>(s.B, s.T, s.C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
+                               v.data_ptr<float>(), aa.data_ptr<float>(), bb.data_ptr<float>(), pp.data_ptr<float>(),
+                               y.data_ptr<float>(), aa_out.data_ptr<float>(), bb_out.data_ptr<float>(),
+                               pp_out.data_ptr<float>());
+    } else {
+        wkv_forward_cpu<double>(s.B, s.T, s.C, w.data_ptr<double>(), u.data_ptr<double>(), k.data_ptr<double>(),
+                                v.data_ptr<double>(), aa.data_ptr<double>(), bb.data_ptr<double>(),
+                                pp.data_ptr<double>(), y.data_ptr<double>(), aa_out.data_ptr<double>(),
+                                bb_out.data_ptr<double>(), pp_out.data_ptr<double>());
+    }
+    return {y, aa_out, bb_out, pp_out};
+}
+
+// returns gw, gu (summed over the batch), gk, gv, and the gradients of the incoming state gaa, gbb, gpp
+std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
+                                    torch::Tensor aa, torch::Tensor bb, torch::Tensor pp, torch::Tensor gy,
+                                    torch::Tensor gaa_out, torch::Tensor gbb_out) {
+    const auto s = check_inputs(w, u, k, v, aa, bb, pp);
+    check(gy, "gy", k.sizes(), k.scalar_type(), k.device());
+    check(gaa_out, "gaa_out", {s.B, s.C}, aa.scalar_type(), k.device());
+    check(gbb_out, "gbb_out", {s.B, s.C}, aa.scalar_type(), k.device());
+    auto gw = torch::empty_like(aa), gu = torch::empty_like(aa);
+    auto gk = torch::empty_like(k), gv = torch::empty_like(v);
+    auto gaa = torch::empty_like(aa), gbb = torch::empty_like(aa), gpp = torch::empty_like(aa);
+    auto scratch = torch::empty({3, s.B, s.T, s.C}, aa.options());
+    if (k.is_cuda()) {
+#ifdef WKV_WITH_CUDA
+        const c10::cuda::CUDAGuard guard(k.device());
+        void *stream = c10::cuda::getCurrentCUDAStream().stream();
+        const auto in = k.scalar_type();
+#define WKV_BWD(IN, ACC)                                                                                         \
+    check_launch(wkv_backward_cuda<IN, ACC>(                                                                     \
+        s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u), ptr<const IN>(k),                   \
+        ptr<const IN>(v), ptr<const ACC>(aa), ptr<const ACC>(bb), ptr<const ACC>(pp),         \
+        ptr<const IN>(gy), ptr<const ACC>(gaa_out), ptr<const ACC>(gbb_out), ptr<ACC>(gw),    \
+        ptr<ACC>(gu), ptr<IN>(gk), ptr<IN>(gv), ptr<ACC>(gaa), ptr<ACC>(gbb),            \
+        ptr<ACC>(gpp), ptr<ACC>(scratch), stream))
+        if (in == at::kFloat) WKV_BWD(float, float);
+        else if (in == at::kDouble) WKV_BWD(double, double);
+        else WKV_BWD(uint16_t, float);
+#undef WKV_BWD
+#else
+        TORCH_CHECK(false, "wkv: this build of the kernels has no CUDA; use wkv_backend='cuda' to build the CUDA one");
+#endif
+    } else if (k.scalar_type() == at::kFloat) {
+        wkv_backward_cpu<float>(s.B, s.T, s.C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
+                                v.data_ptr<float>(), aa.data_ptr<float>(), bb.data_ptr<float>(),
+                                pp.data_ptr<float>(), gy.data_ptr<float>(), gaa_out.data_ptr<float>(),
+                                gbb_out.data_ptr<float>(), gw.data_ptr<float>(), gu.data_ptr<float>(),
+                                gk.data_ptr<float>(), gv.data_ptr<float>(), gaa.data_ptr<float>(),
+                                gbb.data_ptr<float>(), gpp.data_ptr<float>(), scratch.data_ptr<float>());
+    } else {
+        wkv_backward_cpu<double>(s.B, s.T, s.C, w.data_ptr<double>(), u.data_ptr<double>(), k.data_ptr<double>(),
+                                 v.data_ptr<double>(), aa.data_ptr<double>(), bb.data_ptr<double>(),
+                                 pp.data_ptr<double>(), gy.data_ptr<double>(), gaa_out.data_ptr<double>(),
+                                 gbb_out.data_ptr<double>(), gw.data_ptr<double>(), gu.data_ptr<double>(),
+                                 gk.data_ptr<double>(), gv.data_ptr<double>(), gaa.data_ptr<double>(),
+                                 gbb.data_ptr<double>(), gpp.data_ptr<double>(), scratch.data_ptr<double>());
+    }
+    return {gw.sum(0), gu.sum(0), gk, gv, gaa, gbb, gpp};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("forward", &forward, "WKV forward: (w, u, k, v, aa, bb, pp) -> (y, aa, bb, pp)");
+    m.def("backward", &backward,
+          "WKV backward: (w, u, k, v, aa, bb, pp, gy, gaa_out, gbb_out) -> (gw, gu, gk, gv, gaa, gbb, gpp)");
+}
