@@ -225,3 +225,20 @@ def test_cuda_extension_compiles_and_links(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'WKV forward' in r.stdout
     assert list(tmp_path.glob('nanorwkv_wkv_cuda*.so'))
+
+
+def test_cpu_kernel_under_ddp(tmp_path):
+    # two gloo processes train the RWKV with the compiled kernel through DDP to a checkpoint
+    from test_train import tiny_args
+    data = tmp_path / 'data'
+    data.mkdir()
+    ids = (torch.arange(6000) * 7 % 13).to(torch.int16).numpy().astype('uint16')
+    ids[:5000].tofile(data / 'train.bin')
+    ids[5000:].tofile(data / 'val.bin')
+    args = tiny_args('rwkv', data, tmp_path / 'out', 10) + ['--wkv_backend=cpu', '--eval_interval=10']
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(REPO / 'train.py'), *args], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert 'step 10: train loss' in r.stdout
+    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 10 and ckpt['model_type'] == 'rwkv'

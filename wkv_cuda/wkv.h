@@ -3,7 +3,7 @@
 //
 // Layout: k, v, y, gy, gk, gv are (B, T, C) contiguous; w, u are (C,); the state aa, bb, pp and its gradients are
 // (B, C); gw, gu are per batch row, (B, C), and the caller sums them over B. w is the per-step log-decay
-// -exp(time_decay). scratch (backward only) receives the recomputed state before every token: 3 * B * T * C
+// -exp(time_decay). scratch (CUDA backward only) receives the recomputed state before every token: 3 * B * T * C
 // accumulator values.
 // IN is the element type of k, v, y and their gradients; ACC the type of everything else and of all arithmetic.
 #pragma once
@@ -16,7 +16,7 @@ void wkv_forward_cpu(int64_t B, int64_t T, int64_t C, const F *w, const F *u, co
 template <typename F>
 void wkv_backward_cpu(int64_t B, int64_t T, int64_t C, const F *w, const F *u, const F *k, const F *v,
                       const F *aa, const F *bb, const F *pp, const F *gy, const F *gaa_out, const F *gbb_out,
-                      F *gw, F *gu, F *gk, F *gv, F *gaa, F *gbb, F *gpp, F *scratch);
+                      F *gw, F *gu, F *gk, F *gv, F *gaa, F *gbb, F *gpp);
 
 // CUDA launchers; IN is float, double, or uint16_t standing for the bits of a bfloat16. They return nullptr, or
 // the CUDA error string of a failed launch.

@@ -21,26 +21,34 @@ WKV_HD float wkv_exp(float x) { return expf(x); }
 WKV_HD double wkv_exp(double x) { return exp(x); }
 WKV_HD float wkv_max(float a, float b) { return fmaxf(a, b); }
 WKV_HD double wkv_max(double a, double b) { return fmax(a, b); }
+WKV_HD float wkv_abs(float x) { return fabsf(x); }
+WKV_HD double wkv_abs(double x) { return fabs(x); }
+
+// ea = e^(a - max(a, b)), eb = e^(b - max(a, b)): one of them is exactly 1, so one exp() gives both (the same
+// values as two exp() calls, bit for bit, at half the cost)
+template <typename F>
+WKV_HD void wkv_exp_pair(F a, F b, F &ea, F &eb) {
+    const F e = wkv_exp(-wkv_abs(a - b));
+    ea = a >= b ? F(1) : e;
+    eb = a >= b ? e : F(1);
+}
 
 // the state after absorbing token (k, v): decay the sums by e^w, add e^k * (v, 1)
 template <typename F>
 WKV_HD void wkv_state_step(F w, F k, F v, F &aa, F &bb, F &pp) {
     const F ww = w + pp;
-    const F p = wkv_max(ww, k);
-    const F e1 = wkv_exp(ww - p);
-    const F e2 = wkv_exp(k - p);
+    F e1, e2;
+    wkv_exp_pair(ww, k, e1, e2);
     aa = e1 * aa + e2 * v;
     bb = e1 * bb + e2;
-    pp = p;
+    pp = wkv_max(ww, k);
 }
 
 // y_t from the state before token t and the token itself with its bonus u; then the state update
 template <typename F>
 WKV_HD F wkv_forward_step(F w, F u, F k, F v, F &aa, F &bb, F &pp) {
-    const F ww = u + k;
-    const F p = wkv_max(pp, ww);
-    const F e1 = wkv_exp(pp - p);
-    const F e2 = wkv_exp(ww - p);
+    F e1, e2;
+    wkv_exp_pair(pp, u + k, e1, e2);
     const F y = (e1 * aa + e2 * v) / (e1 * bb + e2);
     wkv_state_step(w, k, v, aa, bb, pp);
     return y;
@@ -50,17 +58,12 @@ WKV_HD F wkv_forward_step(F w, F u, F k, F v, F &aa, F &bb, F &pp) {
 template <typename F>
 WKV_HD void wkv_backward_step(F w, F u, F k, F v, F aa, F bb, F pp, F gy, F &gaa, F &gbb, F &gw, F &gu,
                               F &gk, F &gv) {
-    F ww = u + k;
-    F p = wkv_max(pp, ww);
-    const F e1 = wkv_exp(pp - p);
-    const F e2 = wkv_exp(ww - p);
+    F e1, e2, f1, f2;
+    wkv_exp_pair(pp, u + k, e1, e2);  // the output's weights, as in wkv_forward_step
+    wkv_exp_pair(w + pp, k, f1, f2);  // the state update's, as in wkv_state_step
     const F den = e1 * bb + e2;
     const F y = (e1 * aa + e2 * v) / den;
     const F gd = gy / den;
-    ww = w + pp;
-    p = wkv_max(ww, k);
-    const F f1 = wkv_exp(ww - p);
-    const F f2 = wkv_exp(k - p);
     const F gyu = gd * e2 * (v - y);
     gk = gyu + f2 * (gaa * v + gbb);
     gv = gd * e2 + f2 * gaa;

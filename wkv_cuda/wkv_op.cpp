@@ -109,10 +109,10 @@ std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Ten
     auto gw = torch::empty_like(aa), gu = torch::empty_like(aa);
     auto gk = torch::empty_like(k), gv = torch::empty_like(v);
     auto gaa = torch::empty_like(aa), gbb = torch::empty_like(aa), gpp = torch::empty_like(aa);
-    auto scratch = torch::empty({3, s.B, s.T, s.C}, aa.options());
     if (k.is_cuda()) {
 #ifdef WKV_WITH_CUDA
         const c10::cuda::CUDAGuard guard(k.device());
+        auto scratch = torch::empty({3, s.B, s.T, s.C}, aa.options());
         void *stream = c10::cuda::getCurrentCUDAStream().stream();
         const auto in = k.scalar_type();
 #define WKV_BWD(IN, ACC)                                                                                         \
@@ -135,14 +135,14 @@ std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Ten
                                 pp.data_ptr<float>(), gy.data_ptr<float>(), gaa_out.data_ptr<float>(),
                                 gbb_out.data_ptr<float>(), gw.data_ptr<float>(), gu.data_ptr<float>(),
                                 gk.data_ptr<float>(), gv.data_ptr<float>(), gaa.data_ptr<float>(),
-                                gbb.data_ptr<float>(), gpp.data_ptr<float>(), scratch.data_ptr<float>());
+                                gbb.data_ptr<float>(), gpp.data_ptr<float>());
     } else {
         wkv_backward_cpu<double>(s.B, s.T, s.C, w.data_ptr<double>(), u.data_ptr<double>(), k.data_ptr<double>(),
                                  v.data_ptr<double>(), aa.data_ptr<double>(), bb.data_ptr<double>(),
                                  pp.data_ptr<double>(), gy.data_ptr<double>(), gaa_out.data_ptr<double>(),
                                  gbb_out.data_ptr<double>(), gw.data_ptr<double>(), gu.data_ptr<double>(),
                                  gk.data_ptr<double>(), gv.data_ptr<double>(), gaa.data_ptr<double>(),
-                                 gbb.data_ptr<double>(), gpp.data_ptr<double>(), scratch.data_ptr<double>());
+                                 gbb.data_ptr<double>(), gpp.data_ptr<double>());
     }
     return {gw.sum(0), gu.sum(0), gk, gv, gaa, gbb, gpp};
 }
