@@ -150,6 +150,7 @@ def build_extension(kind, build_directory=None, verbose=False):
 
 def get_extension(kind):
     if kind not in _extensions:
+        print(f"wkv: loading the '{kind}' kernel (compiled on first use: about a minute)", file=sys.stderr)
         try:
             _extensions[kind] = build_extension(kind)
         except Exception as e:  # compilers fail in many ways (missing ninja, nvcc, headers): keep the reason
