@@ -14,9 +14,10 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
-def sample_logits(logits, temperature=1.0, top_k=None):
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
     """Pick the next token from logits (B, V): greedy when temperature == 0, else sample from
-    softmax(logits / temperature) restricted to the top_k most likely tokens. Returns (B, 1)."""
+    softmax(logits / temperature) restricted to the top_k most likely tokens and to the smallest set of tokens whose
+    probability adds up to top_p (nucleus sampling, Holtzman et al. 2019). Returns (B, 1)."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -24,6 +25,11 @@ def sample_logits(logits, temperature=1.0, top_k=None):
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float('inf')
     probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the strictly more likely tokens
+        sorted_probs[before >= top_p] = 0.0  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1)
 
 
@@ -50,16 +56,25 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, kv=None):
+        # x (B, T, C); kv: the keys and values of earlier positions, 2 x (B, nh, T_past, hs), or None
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)  # (B, nh, T, hs)
+        if kv is not None:
+            k = torch.cat([kv[0], k], dim=2)  # (B, nh, T_past + T, hs)
+            v = torch.cat([kv[1], v], dim=2)
+        dropout = self.dropout if self.training else 0.0
+        if k.size(2) == T:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
+        else:
+            # the queries are the last T positions: query i sees every key up to position T_past + i
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
 class MLP(nn.Module):
@@ -84,10 +99,11 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv=None):
+        dx, kv = self.attn(self.ln_1(x), kv)
+        x = x + dx
         x = x + self.mlp(self.ln_2(x))
-        return x
+        return x, kv
 
 
 @dataclass
@@ -135,15 +151,22 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None):
+    def _body(self, idx, cache):
+        # idx (B, T) at positions T_past .. T_past + T - 1; cache: per layer (k, v) of the earlier positions
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"cannot forward a sequence of length {T}: block_size is {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        past = 0 if cache is None else cache[0][0].size(2)
+        if past + T > self.config.block_size:
+            raise ValueError(f"cannot run positions up to {past + T}: block_size is {self.config.block_size}")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
+        new_cache = []
+        for i, block in enumerate(self.transformer.h):
+            x, kv = block(x, None if cache is None else cache[i])
+            new_cache.append(kv)
+        return self.transformer.ln_f(x), new_cache
+
+    def forward(self, idx, targets=None):
+        x, _ = self._body(idx, None)  # (B, T, C)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
@@ -151,6 +174,17 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])  # (B, 1, V): inference needs only the last position
             loss = None
         return logits, loss
+
+    def prefill(self, idx, cache=None):
+        """Run a chunk idx (B, T) after the positions held in `cache` (None = none). Returns logits (B, T, V) and the
+        KV cache: per layer the keys and values of every position so far, 2 x (B, n_head, T_total, head_size)."""
+        x, cache = self._body(idx, cache)
+        return self.lm_head(x), cache
+
+    def step(self, token, cache):
+        """One token per sequence, token (B,), after the positions in `cache`. Returns logits (B, V) and the cache."""
+        x, cache = self._body(token[:, None], cache)
+        return self.lm_head(x[:, 0]), cache
 
     def crop_block_size(self, block_size):
         """Shrink the context length of a model, e.g. a pretrained 1024 one to a smaller block_size."""
@@ -183,11 +217,19 @@ class GPT(nn.Module):
         return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Continue idx (B, T) by max_new_tokens, feeding the (cropped) sequence back each time."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            idx_next = sample_logits(logits[:, -1, :], temperature, top_k)  # (B, 1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """Continue idx (B, T) by max_new_tokens: the prompt in one pass, then one cached step per token. Once the
+        sequence outgrows block_size, each token re-runs the last block_size tokens (nanoGPT's sliding window)."""
+        bs = self.config.block_size
+        logits, cache = self.prefill(idx[:, -bs:])
+        logits = logits[:, -1]  # (B, V)
+        for i in range(max_new_tokens):
+            idx_next = sample_logits(logits, temperature, top_k, top_p)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
+            if i == max_new_tokens - 1:
+                break
+            if idx.size(1) <= bs:
+                logits, cache = self.step(idx_next[:, 0], cache)
+            else:
+                logits = self(idx[:, -bs:])[0][:, -1]
         return idx

@@ -271,7 +271,7 @@ class RWKV(nn.Module):
         return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, mode='rnn'):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, mode='rnn'):
         """Continue idx (B, T) by max_new_tokens. mode='rnn': prefill the prompt in parallel, then one step per
         token (constant cost per token). mode='parallel': re-run the whole sequence for every token."""
         if mode not in ('rnn', 'parallel'):
@@ -282,7 +282,7 @@ class RWKV(nn.Module):
         for i in range(max_new_tokens):
             if mode == 'parallel':
                 logits = self(idx)[0][:, -1]  # (B, V)
-            idx_next = sample_logits(logits, temperature, top_k)  # (B, 1)
+            idx_next = sample_logits(logits, temperature, top_k, top_p)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
             if mode == 'rnn' and i < max_new_tokens - 1:
                 logits, state = self.step(idx_next[:, 0], state)

@@ -6,7 +6,8 @@ $ python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --mode=parall
 $ python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt
 
 mode: 'rnn' (RWKV only: the prompt in parallel mode carrying state, then one RNN step per token),
-'parallel' (the whole sequence again for every token), 'auto' (rnn for RWKV, parallel for GPT).
+'parallel' (RWKV: the whole sequence again for every token; GPT: the prompt at once, then one step per token with
+its KV cache), 'auto' (rnn for RWKV, parallel for GPT).
 """
 import sys
 from contextlib import nullcontext
@@ -23,6 +24,7 @@ DEFAULTS = dict(
     max_new_tokens=500,
     temperature=0.8,  # 1.0 = the model's distribution, lower = more conservative, 0 = greedy
     top_k=200,  # sample only among the top_k most likely tokens; 0 = all
+    top_p=1.0,  # nucleus sampling: only the most likely tokens that make up top_p of the probability; 1.0 = all
     seed=1337,
     device='auto',
     dtype='auto',
@@ -56,6 +58,8 @@ def main(argv):
         raise ConfigError(f"num_samples must be positive, got {c['num_samples']}")
     if c['temperature'] < 0:
         raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {c['temperature']}")
+    if not 0 < c['top_p'] <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {c['top_p']}")
     if c['top_k'] < 0:
         raise ConfigError(f"top_k must be >= 0 (0 = no limit), got {c['top_k']}")
     if c['mode'] not in ('auto', 'rnn', 'parallel'):
@@ -91,7 +95,8 @@ def main(argv):
     kwargs = {'mode': mode} if model_type == 'rwkv' else {}
     with torch.no_grad(), ctx:
         for _ in range(c['num_samples']):
-            y = model.generate(x, c['max_new_tokens'], temperature=c['temperature'], top_k=top_k, **kwargs)
+            y = model.generate(x, c['max_new_tokens'], temperature=c['temperature'], top_k=top_k, top_p=c['top_p'],
+                               **kwargs)
             print(decode(y[0].tolist()))
             print('---------------')
 

@@ -212,3 +212,48 @@ def test_gpt_flops_per_token_matches_flop_counter():
     measured = measured_train_flops(model, B, T)
     # 6N counts LayerNorm gains as if they were matmul weights; they are 0.5% here
     assert measured == pytest.approx(model.flops_per_token() * B * T, rel=0.01)
+
+
+def test_gpt_kv_cache_prefill_and_step_match_full_forward():
+    model = tiny_gpt().double()
+    B, T = 2, 13
+    idx = torch.randint(0, 37, (B, T), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full, _ = model(idx, idx)  # (B, T, V), no cache involved
+        whole, cache = model.prefill(idx)
+        chunks, cache_c = [], None
+        for lo, hi in [(0, 4), (4, 5), (5, 13)]:
+            logits, cache_c = model.prefill(idx[:, lo:hi], cache_c)
+            chunks.append(logits)
+        steps, cache_s = [], None
+        for t in range(T):
+            logits, cache_s = model.step(idx[:, t], cache_s)
+            steps.append(logits)
+    assert cache[0][0].shape == (B, 2, T, 6)
+    for name, got in [('prefill', whole), ('chunked prefill', torch.cat(chunks, 1)),
+                      ('step', torch.stack(steps, 1))]:
+        assert (got - full).abs().max().item() <= 1e-10, name
+    with pytest.raises(ValueError, match='block_size is 16'):
+        model.prefill(idx[:, :4], cache)  # 13 + 4 positions > block_size
+
+
+def test_gpt_cached_generate_equals_recompute():
+    model = tiny_gpt()
+    idx = torch.randint(0, 37, (2, 5), generator=torch.Generator().manual_seed(6))
+    got = model.generate(idx, 20, temperature=0)  # 25 > block_size 16: the sliding window takes over
+    want = idx
+    with torch.no_grad():
+        for _ in range(20):
+            logits, _ = model(want[:, -16:])  # nanoGPT's generate: recompute the cropped context
+            want = torch.cat([want, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, want)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    from model_gpt import sample_logits
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    torch.manual_seed(0)
+    draws = torch.cat([sample_logits(probs.log(), 1.0, None, 0.7) for _ in range(300)])
+    assert set(draws.flatten().tolist()) == {0, 1}  # 0.5 + 0.3 reach 0.7; 2 and 3 never drawn
+    draws = torch.cat([sample_logits(probs.log(), 1.0, None, 0.1) for _ in range(50)])
+    assert set(draws.flatten().tolist()) == {0}  # the most likely token always stays
