@@ -6,8 +6,10 @@ scaled_dot_product_attention (flash attention where the device has it).
 References: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2);
 https://github.com/openai/gpt-2/blob/master/src/model.py; https://github.com/karpathy/nanoGPT/blob/master/model.py.
 """
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -31,6 +33,59 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
         sorted_probs[before >= top_p] = 0.0  # the most likely token always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1)
+
+
+def hub_or_local(name_or_path, hub_names):
+    """A local directory or file as given, or a hub model (one of hub_names) downloaded to the local cache. Offline,
+    a hub name fails with one line that says a local path works."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    if name_or_path not in hub_names:
+        raise ValueError(f"{name_or_path} is neither a local path nor a known model; expected a Hugging Face format "
+                         f"directory, a file, or one of {', '.join(hub_names)}")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=['config.json', '*.safetensors', '*.bin',
+                                                                    '*.json']))
+    except Exception as e:  # the hub client raises many types (connection, HTTP, missing repo): say which, and why
+        raise ValueError(f"could not download {name_or_path} from the Hugging Face hub ({type(e).__name__}); "
+                         f"a local path works too: a directory with config.json and model weights") from e
+
+
+def load_hf_directory(directory):
+    """(config dict, state dict) of a Hugging Face format directory: config.json and model.safetensors or
+    pytorch_model.bin (sharded ones too). The weights are read without running any pickled code."""
+    directory = Path(directory)
+    if not (directory / 'config.json').is_file():
+        raise ValueError(f"{directory} has no config.json: not a Hugging Face format model directory")
+    config = json.loads((directory / 'config.json').read_text())
+    state = {}
+    files = sorted(directory.glob('*.safetensors'))
+    if files:
+        from safetensors.torch import load_file
+        for f in files:
+            state.update(load_file(f))
+    else:
+        files = sorted(directory.glob('pytorch_model*.bin'))
+        for f in files:
+            state.update(torch.load(f, map_location='cpu', weights_only=True))
+    if not files:
+        raise ValueError(f"{directory} has no model.safetensors or pytorch_model.bin")
+    return config, state
+
+
+def load_state_checked(model, state, source):
+    """Copy `state` into model: the key sets and every shape must match exactly."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if v.shape != own[k].shape:
+                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            own[k].copy_(v)
 
 
 class LayerNorm(nn.Module):
@@ -82,7 +137,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate='tanh')  # GPT-2's GELU is the tanh approximation ("gelu_new")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -192,6 +247,52 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
+    # Hugging Face GPT2LMHeadModel stores these four as Conv1D, (in, out): the transpose of nn.Linear's weight
+    HF_TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+    HUB_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=0.0):
+        """GPT-2 from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded once) or a local Hugging Face
+        format directory (config.json + model.safetensors / pytorch_model.bin), e.g. one save_pretrained wrote."""
+        hf, state = load_hf_directory(hub_or_local(name_or_path, cls.HUB_NAMES))
+        if hf.get('model_type') != 'gpt2':
+            raise ValueError(f"{name_or_path} is a '{hf.get('model_type')}' model, not GPT-2")
+        config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                           n_head=hf['n_head'], n_embd=hf['n_embd'], dropout=dropout, bias=True)
+        with torch.device('meta'):  # every tensor is loaded below: skip the init
+            model = cls(config)
+        model.to_empty(device='cpu')
+        model.transformer.wte.weight = model.lm_head.weight  # to_empty unties them
+        state = {(k if k.startswith('lm_head') else k if k.startswith('transformer.') else 'transformer.' + k): v
+                 for k, v in state.items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+        state['lm_head.weight'] = state.get('lm_head.weight', state['transformer.wte.weight'])  # tied
+        state = {k: v.t() if k.endswith(cls.HF_TRANSPOSED) else v for k, v in state.items()}
+        load_state_checked(model, {k: v.float() for k, v in state.items()}, name_or_path)
+        return model
+
+    def save_pretrained(self, directory):
+        """Write a Hugging Face format directory that transformers loads as GPT2LMHeadModel."""
+        from safetensors.torch import save_file
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        state = {k: v.detach().float().cpu() for k, v in self.state_dict().items() if k != 'lm_head.weight'}
+        if not cfg.bias:  # GPT2LMHeadModel always has biases: zeros are the same function
+            for name, module in self.named_modules():
+                if isinstance(module, nn.Linear) and name != 'lm_head':
+                    state[f'{name}.bias'] = torch.zeros(module.out_features)
+                elif isinstance(module, LayerNorm):
+                    state[f'{name}.bias'] = torch.zeros(module.weight.shape)
+        state = {k: (v.t() if k.endswith(self.HF_TRANSPOSED) else v).contiguous() for k, v in state.items()}
+        save_file(state, directory / 'model.safetensors', metadata={'format': 'pt'})
+        hf = {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': cfg.vocab_size,
+              'n_positions': cfg.block_size, 'n_embd': cfg.n_embd, 'n_layer': cfg.n_layer, 'n_head': cfg.n_head,
+              'activation_function': 'gelu_new', 'layer_norm_epsilon': 1e-5, 'resid_pdrop': cfg.dropout,
+              'embd_pdrop': cfg.dropout, 'attn_pdrop': cfg.dropout, 'tie_word_embeddings': True,
+              'bos_token_id': 50256, 'eos_token_id': 50256}
+        (directory / 'config.json').write_text(json.dumps(hf, indent=2))
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on every >= 2-D tensor (matmul weights, embeddings) and none on biases and
         LayerNorm gains."""
@@ -217,16 +318,24 @@ class GPT(nn.Module):
         return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, on_token=None,
+                 stop_token=None):
         """Continue idx (B, T) by max_new_tokens: the prompt in one pass, then one cached step per token. Once the
-        sequence outgrows block_size, each token re-runs the last block_size tokens (nanoGPT's sliding window)."""
+        sequence outgrows block_size, each token re-runs the last block_size tokens (nanoGPT's sliding window).
+        on_token(id) is called with each new token of the first sequence; generation ends early once every
+        sequence has produced stop_token."""
         bs = self.config.block_size
         logits, cache = self.prefill(idx[:, -bs:])
         logits = logits[:, -1]  # (B, V)
+        stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
             idx_next = sample_logits(logits, temperature, top_k, top_p)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
-            if i == max_new_tokens - 1:
+            if on_token is not None:
+                on_token(idx_next[0, 0].item())
+            if stop_token is not None:
+                stopped |= idx_next[:, 0] == stop_token
+            if i == max_new_tokens - 1 or stopped.all():
                 break
             if idx.size(1) <= bs:
                 logits, cache = self.step(idx_next[:, 0], cache)

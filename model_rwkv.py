@@ -11,14 +11,17 @@ State per layer is (x_att, aa, bb, pp, x_ffn), stacked as a (n_layer, 5, B, C) t
 References: Peng et al. 2023, "RWKV: Reinventing RNNs for the Transformer Era" (arXiv:2305.13048);
 https://github.com/BlinkDL/RWKV-LM (RWKV-v4neo).
 """
+import json
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model_gpt import sample_logits
+from model_gpt import hub_or_local, load_hf_directory, load_state_checked, sample_logits
 from wkv_cuda import initial_state, wkv, wkv_step
 
 
@@ -151,10 +154,37 @@ class RWKVConfig:
     dim_ffn: int = 0  # 0 means 4 * n_embd (RWKV-4)
     emb_init: float = 1e-4  # emb.weight ~ U(-emb_init, emb_init); RWKV-v4neo uses lr_init here, and so does train.py
     wkv_backend: str = 'auto'  # 'auto' | 'cuda' | 'cpu' | 'torch'
+    rescale_every: int = 0  # > 0: the weights are rescaled for fp16 (see RWKV.rescale_for_fp16), x halves every N layers
 
     def __post_init__(self):
         if self.dim_ffn == 0:
             self.dim_ffn = 4 * self.n_embd
+
+
+def hf_name(name):
+    """Our parameter name (= RWKV-LM's) -> transformers' RwkvForCausalLM name; the renames of transformers'
+    models/rwkv/convert_rwkv_checkpoint_to_hf.py."""
+    if name == 'head.weight':
+        return name
+    name = re.sub(r'^emb\.', 'embeddings.', name).replace('blocks.0.ln0.', 'blocks.0.pre_ln.')
+    name = name.replace('.att.', '.attention.').replace('.ffn.', '.feed_forward.')
+    name = re.sub(r'time_mix_([kvr])$', lambda m: {'k': 'time_mix_key', 'v': 'time_mix_value',
+                                                   'r': 'time_mix_receptance'}[m[1]], name)
+    return 'rwkv.' + name
+
+
+def load_official_pth(path):
+    """The tensors of a BlinkDL RWKV-4 .pth, loaded without running pickled code; anything else is an error."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or corrupt files
+        raise ValueError(f"{path} is not a readable .pth checkpoint ({type(e).__name__})") from e
+    if not isinstance(state, dict) or 'emb.weight' not in state or 'blocks.0.att.time_first' not in state:
+        raise ValueError(f"{path} is not an RWKV checkpoint (no emb.weight / blocks.0.att.time_first)")
+    if any(k.endswith(('ln_x.weight', 'time_faaaa', 'time_maa_x', 'gate.weight')) for k in state) or \
+            state['blocks.0.att.time_decay'].dim() != 1:
+        raise ValueError(f"{path} is a later RWKV version (5/6/7), not RWKV-4")
+    return state
 
 
 class RWKV(nn.Module):
@@ -205,9 +235,12 @@ class RWKV(nn.Module):
             state = self.initial_state(x.shape[0], x.device)
         x = self.blocks[0].ln0(x)
         new_state = []
+        r = self.config.rescale_every
         for i, block in enumerate(self.blocks):
             x, s = block(x, state[i])
             new_state.append(s)
+            if r > 0 and (i + 1) % r == 0:
+                x = x / 2  # RWKV-v4neo/src/model_run.py RESCALE_LAYER: keeps fp16 activations in range
         return self.ln_out(x), torch.stack(new_state)  # (B, [T,] C), (n_layer, 5, B, C)
 
     def forward(self, idx, targets=None):
@@ -233,6 +266,84 @@ class RWKV(nn.Module):
         """RNN mode: one token per sequence, token (B,). Returns logits (B, V) and the new state."""
         x, state = self._body(self.emb(token), state)
         return self.head(x), state
+
+    @torch.no_grad()
+    def rescale_for_fp16(self, every=6):
+        """RWKV-LM's fp16 inference trick (RWKV-v4neo/src/model_run.py): divide att.output and ffn.value of layer i
+        by 2^(i // every) and halve x after every `every` layers. The same function in exact arithmetic, but fp16
+        activations stay in range. Only for inference: it changes what the weights mean."""
+        if self.config.rescale_every:
+            raise ValueError(f"the weights are already rescaled (rescale_every={self.config.rescale_every})")
+        for i, block in enumerate(self.blocks):
+            block.att.output.weight.div_(2 ** (i // every))
+            block.ffn.value.weight.div_(2 ** (i // every))
+        self.config.rescale_every = every
+        return self
+
+    def plain_state_dict(self):
+        """The weights in RWKV-LM's own form (never rescaled), fp32 on the CPU, RWKV-LM's names."""
+        state = {k: v.detach().float().cpu().clone() for k, v in self.state_dict().items()}
+        r = self.config.rescale_every
+        for i in range(self.config.n_layer if r else 0):
+            for name in (f'blocks.{i}.att.output.weight', f'blocks.{i}.ffn.value.weight'):
+                state[name] *= 2 ** (i // r)
+        return state
+
+    HUB_NAMES = tuple(f'RWKV/rwkv-4-{size}-pile' for size in ('169m', '430m', '1b5', '3b', '7b', '14b'))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, wkv_backend='auto'):
+        """RWKV-4 from an official BlinkDL .pth file (RWKV-4-Pile-*.pth; shapes inferred from the tensors), a local
+        Hugging Face format directory (config.json + model.safetensors / pytorch_model.bin), or a hub name
+        RWKV/rwkv-4-{169m,430m,1b5,3b,7b,14b}-pile (downloaded once)."""
+        path = hub_or_local(name_or_path, cls.HUB_NAMES)
+        if path.is_dir():
+            hf, hf_state = load_hf_directory(path)
+            if hf.get('model_type') != 'rwkv':
+                raise ValueError(f"{name_or_path} is a '{hf.get('model_type')}' model, not RWKV")
+            C = hf['hidden_size']
+            if hf.get('attention_hidden_size') not in (None, C):
+                raise ValueError(f"{name_or_path}: attention_hidden_size != hidden_size is not supported")
+            config = RWKVConfig(block_size=hf.get('context_length', 1024), vocab_size=hf['vocab_size'],
+                                n_layer=hf['num_hidden_layers'], n_embd=C, dim_ffn=hf.get('intermediate_size') or 0,
+                                wkv_backend=wkv_backend)
+            with torch.device('meta'):  # names only: no memory, no init
+                hf_to_ours = {hf_name(n): n for n in cls(config).state_dict()}
+            unknown = sorted(set(hf_state) - set(hf_to_ours))
+            if unknown:
+                raise ValueError(f"{name_or_path} has tensors an RWKV-4 does not: {unknown[:4]}")
+            state = {hf_to_ours[k]: v for k, v in hf_state.items()}
+        else:
+            state = load_official_pth(path)
+            n_layer = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))
+            V, C = state['emb.weight'].shape
+            config = RWKVConfig(vocab_size=V, n_layer=n_layer, n_embd=C, dim_ffn=state['blocks.0.ffn.key.weight'].shape[0],
+                                wkv_backend=wkv_backend)
+        with torch.device('meta'):  # every tensor is loaded below: skip the (slow, for big models) init
+            model = cls(config)
+        model.to_empty(device='cpu')
+        load_state_checked(model, {k: v.float() for k, v in state.items()}, name_or_path)
+        return model
+
+    def save_pretrained(self, directory):
+        """Write a Hugging Face format directory (config.json + model.safetensors) that transformers loads as
+        RwkvForCausalLM."""
+        from safetensors.torch import save_file
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({hf_name(k): v for k, v in self.plain_state_dict().items()}, directory / 'model.safetensors',
+                  metadata={'format': 'pt'})
+        cfg = self.config
+        # rescale_every 6 is transformers' default: it rescales at inference time itself, in its own copy
+        hf = {'architectures': ['RwkvForCausalLM'], 'model_type': 'rwkv', 'vocab_size': cfg.vocab_size,
+              'context_length': cfg.block_size, 'hidden_size': cfg.n_embd, 'num_hidden_layers': cfg.n_layer,
+              'attention_hidden_size': cfg.n_embd, 'intermediate_size': cfg.dim_ffn, 'layer_norm_epsilon': 1e-5,
+              'rescale_every': 6, 'tie_word_embeddings': False, 'bos_token_id': 0, 'eos_token_id': 0}
+        (directory / 'config.json').write_text(json.dumps(hf, indent=2))
+
+    def save_pth(self, path):
+        """Write an official RWKV-4 .pth (RWKV-LM's names, fp32) that BlinkDL's code and the rwkv pip package load."""
+        torch.save(self.plain_state_dict(), path)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lr_scale=True):
         """AdamW; weight decay only on the weight matrices (not LayerNorms nor the time_* vectors, whose time_mix
@@ -271,19 +382,29 @@ class RWKV(nn.Module):
         return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, mode='rnn'):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, mode='rnn', on_token=None,
+                 stop_token=None):
         """Continue idx (B, T) by max_new_tokens. mode='rnn': prefill the prompt in parallel, then one step per
-        token (constant cost per token). mode='parallel': re-run the whole sequence for every token."""
+        token (constant cost per token). mode='parallel': re-run the whole sequence for every token.
+        on_token(id) is called with each new token of the first sequence; generation ends early once every
+        sequence has produced stop_token."""
         if mode not in ('rnn', 'parallel'):
             raise ValueError(f"mode must be 'rnn' or 'parallel', got {mode!r}")
         if mode == 'rnn':
             logits, state = self.prefill(idx)
             logits = logits[:, -1]  # (B, V)
+        stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
             if mode == 'parallel':
                 logits = self(idx)[0][:, -1]  # (B, V)
             idx_next = sample_logits(logits, temperature, top_k, top_p)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
-            if mode == 'rnn' and i < max_new_tokens - 1:
+            if on_token is not None:
+                on_token(idx_next[0, 0].item())
+            if stop_token is not None:
+                stopped |= idx_next[:, 0] == stop_token
+            if i == max_new_tokens - 1 or stopped.all():
+                break
+            if mode == 'rnn':
                 logits, state = self.step(idx_next[:, 0], state)
         return idx

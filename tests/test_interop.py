@@ -1,0 +1,176 @@
+"""Checkpoints in and out, proven against the libraries that define each format: transformers (RwkvForCausalLM,
+GPT2LMHeadModel) and the rwkv pip package (official RWKV-4 .pth). Tiny random models with odd sizes; no network."""
+import os
+
+import pytest
+import torch
+
+from model_gpt import GPT
+from model_rwkv import RWKV
+from test_models import tiny_gpt, tiny_rwkv
+
+transformers = pytest.importorskip('transformers')
+V, T = 37, 11
+
+
+def hf_rwkv(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.RwkvConfig(vocab_size=V, context_length=16, hidden_size=12, num_hidden_layers=3,
+                                  attention_hidden_size=12, intermediate_size=40, rescale_every=0)
+    model = transformers.RwkvForCausalLM(cfg)
+    with torch.no_grad():  # transformers' init leaves some matrices tiny: randomise everything
+        for n, p in model.named_parameters():
+            if 'time_' not in n:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def hf_gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=16, n_embd=12, n_layer=3, n_head=3)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def tokens(seed=1):
+    return torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def test_rwkv_from_transformers_directory(tmp_path):
+    ref = hf_rwkv()
+    ref.save_pretrained(tmp_path)
+    ours = RWKV.from_pretrained(tmp_path, wkv_backend='torch').eval()
+    idx = tokens()
+    with torch.no_grad():
+        want = ref(idx).logits
+        got, _ = ours.prefill(idx)
+        steps, state = [], None
+        for t in range(T):
+            logits, state = ours.step(idx[:, t], state)
+            steps.append(logits)
+    assert max_diff(got, want) <= 1e-4  # our parallel mode
+    assert max_diff(torch.stack(steps, 1), want) <= 1e-4  # our RNN mode
+
+
+def test_rwkv_export_loads_in_transformers(tmp_path):
+    ours = tiny_rwkv(torch.float32)
+    ours.save_pretrained(tmp_path)
+    ref = transformers.RwkvForCausalLM.from_pretrained(tmp_path).eval()
+    idx = tokens(2)
+    with torch.no_grad():
+        got, _ = ours.prefill(idx)
+        want = ref(idx).logits
+    assert max_diff(got, want) <= 1e-4
+
+
+def test_gpt_from_transformers_directory(tmp_path):
+    ref = hf_gpt2()
+    ref.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path).eval()
+    idx = tokens(3)
+    with torch.no_grad():
+        want = ref(idx).logits
+        got, _ = ours.prefill(idx)
+    assert max_diff(got, want) <= 1e-4
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_gpt_export_loads_in_transformers(tmp_path, bias):
+    ours = tiny_gpt(bias=bias, n_head=3)
+    ours.save_pretrained(tmp_path)
+    ref = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = tokens(4)
+    with torch.no_grad():
+        got, _ = ours.prefill(idx)
+        want = ref(idx).logits
+    assert max_diff(got, want) <= 1e-4
+    # and back: greedy generation is the same token for token
+    again = GPT.from_pretrained(tmp_path).eval()
+    assert torch.equal(again.generate(idx[:, :3], 8, temperature=0), ours.generate(idx[:, :3], 8, temperature=0))
+
+
+def rwkv_pip():
+    os.environ.setdefault('RWKV_JIT_ON', '0')
+    os.environ.setdefault('RWKV_CUDA_ON', '0')
+    return pytest.importorskip('rwkv.model')
+
+
+def test_pth_export_runs_in_rwkv_pip_package(tmp_path):
+    ours = tiny_rwkv(torch.float32)
+    ours.save_pth(tmp_path / 'tiny.pth')
+    ref = rwkv_pip().RWKV(model=str(tmp_path / 'tiny'), strategy='cpu fp32', verbose=False)
+    idx = tokens(5)[0].tolist()
+    state, ref_logits = None, []
+    for tok in idx:  # the package's RNN mode, one token at a time
+        out, state = ref.forward([tok], state)
+        ref_logits.append(out)
+    with torch.no_grad():
+        got, _ = ours.prefill(torch.tensor([idx]))
+    assert max_diff(got[0], torch.stack(ref_logits)) <= 1e-4
+    # and its parallel mode over the whole sequence gives the last logits
+    out, _ = ref.forward(idx, None)
+    assert max_diff(got[0, -1], out) <= 1e-4
+
+
+def test_official_pth_loads(tmp_path):
+    src = tiny_rwkv(torch.float32)
+    state = {k: v.to(torch.bfloat16) for k, v in src.state_dict().items()}  # released .pth files are bf16
+    torch.save(state, tmp_path / 'RWKV-4-Pile-tiny.pth')
+    ours = RWKV.from_pretrained(tmp_path / 'RWKV-4-Pile-tiny.pth', wkv_backend='torch').eval()
+    assert (ours.config.n_layer, ours.config.n_embd, ours.config.vocab_size) == (3, 12, 37)
+    idx = tokens(6)
+    with torch.no_grad():
+        want = src.to(torch.bfloat16).float()(idx)[0]
+        got = ours(idx)[0]
+    assert max_diff(got, want) <= 1e-5
+
+
+def test_rescale_for_fp16_is_the_same_function():
+    model = tiny_rwkv(torch.float64, n_layer=5)
+    idx = tokens(7)
+    with torch.no_grad():
+        want, _ = model.prefill(idx)
+        plain = model.plain_state_dict()
+        model.rescale_for_fp16(every=2)
+        got, _ = model.prefill(idx)
+        rnn, state = [], None
+        for t in range(T):
+            logits, state = model.step(idx[:, t], state)
+            rnn.append(logits)
+    assert model.blocks[4].att.output.weight.abs().max() < plain['blocks.4.att.output.weight'].abs().max()
+    # LayerNorm's epsilon is the only thing that sees the scale
+    assert max_diff(got, want) <= 1e-4 and max_diff(torch.stack(rnn, 1), want) <= 1e-4
+    for k, v in model.plain_state_dict().items():  # export undoes the rescaling
+        torch.testing.assert_close(v, plain[k].float())
+
+
+@pytest.mark.parametrize('content,fragment', [
+    ({'emb.weight': torch.zeros(3, 4)}, 'not an RWKV checkpoint'),
+    ({'emb.weight': torch.zeros(3, 4), 'blocks.0.att.time_first': torch.zeros(2, 2),
+      'blocks.0.att.time_decay': torch.zeros(2, 2), 'blocks.0.att.ln_x.weight': torch.zeros(4)}, 'not RWKV-4'),
+])
+def test_foreign_pth_is_a_clear_error(tmp_path, content, fragment):
+    torch.save(content, tmp_path / 'x.pth')
+    with pytest.raises(ValueError, match=fragment):
+        RWKV.from_pretrained(tmp_path / 'x.pth')
+
+
+def test_unknown_names_and_missing_paths(tmp_path):
+    with pytest.raises(ValueError, match='neither a local path nor a known model'):
+        RWKV.from_pretrained('RWKV/rwkv-9-1m-pile')
+    with pytest.raises(ValueError, match='neither a local path nor a known model'):
+        GPT.from_pretrained(str(tmp_path / 'nope'))
+    (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='not a readable .pth'):
+        RWKV.from_pretrained(tmp_path / 'junk.pth')
+    hf_gpt2().save_pretrained(tmp_path / 'gpt')
+    with pytest.raises(ValueError, match="is a 'gpt2' model, not RWKV"):
+        RWKV.from_pretrained(tmp_path / 'gpt')

