@@ -35,6 +35,23 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(probs, num_samples=1)
 
 
+def generate_tokens(advance, logits, idx, max_new_tokens, temperature, top_k, top_p, on_token, stop_token):
+    """The sampling loop of both models' generate: logits (B, V) predict the token after idx (B, T);
+    advance(idx) returns the logits that follow idx's newly appended last token."""
+    stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for i in range(max_new_tokens):
+        idx_next = sample_logits(logits, temperature, top_k, top_p)  # (B, 1)
+        idx = torch.cat((idx, idx_next), dim=1)
+        if on_token is not None:
+            on_token(idx_next[0, 0].item())
+        if stop_token is not None:
+            stopped |= idx_next[:, 0] == stop_token
+        if i == max_new_tokens - 1 or stopped.all():
+            break
+        logits = advance(idx)
+    return idx
+
+
 def hub_or_local(name_or_path, hub_names):
     """A local directory or file as given, or a hub model (one of hub_names) downloaded to the local cache. Offline,
     a hub name fails with one line that says a local path works."""
@@ -326,19 +343,12 @@ class GPT(nn.Module):
         sequence has produced stop_token."""
         bs = self.config.block_size
         logits, cache = self.prefill(idx[:, -bs:])
-        logits = logits[:, -1]  # (B, V)
-        stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for i in range(max_new_tokens):
-            idx_next = sample_logits(logits, temperature, top_k, top_p)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
-            if on_token is not None:
-                on_token(idx_next[0, 0].item())
-            if stop_token is not None:
-                stopped |= idx_next[:, 0] == stop_token
-            if i == max_new_tokens - 1 or stopped.all():
-                break
+
+        def advance(idx):
+            nonlocal cache
             if idx.size(1) <= bs:
-                logits, cache = self.step(idx_next[:, 0], cache)
-            else:
-                logits = self(idx[:, -bs:])[0][:, -1]
-        return idx
+                logits, cache = self.step(idx[:, -1], cache)
+                return logits
+            return self(idx[:, -bs:])[0][:, -1]
+        return generate_tokens(advance, logits[:, -1], idx, max_new_tokens, temperature, top_k, top_p, on_token,
+                               stop_token)

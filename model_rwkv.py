@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model_gpt import hub_or_local, load_hf_directory, load_state_checked, sample_logits
+from model_gpt import generate_tokens, hub_or_local, load_hf_directory, load_state_checked
 from wkv_cuda import initial_state, wkv, wkv_step
 
 
@@ -392,19 +392,15 @@ class RWKV(nn.Module):
             raise ValueError(f"mode must be 'rnn' or 'parallel', got {mode!r}")
         if mode == 'rnn':
             logits, state = self.prefill(idx)
+
+            def advance(idx):
+                nonlocal state
+                logits, state = self.step(idx[:, -1], state)
+                return logits
             logits = logits[:, -1]  # (B, V)
-        stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for i in range(max_new_tokens):
-            if mode == 'parallel':
-                logits = self(idx)[0][:, -1]  # (B, V)
-            idx_next = sample_logits(logits, temperature, top_k, top_p)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
-            if on_token is not None:
-                on_token(idx_next[0, 0].item())
-            if stop_token is not None:
-                stopped |= idx_next[:, 0] == stop_token
-            if i == max_new_tokens - 1 or stopped.all():
-                break
-            if mode == 'rnn':
-                logits, state = self.step(idx_next[:, 0], state)
-        return idx
+        else:
+            def advance(idx):
+                return self(idx)[0][:, -1]  # (B, V)
+            logits = advance(idx)
+        return generate_tokens(advance, logits, idx, max_new_tokens, temperature, top_k, top_p, on_token,
+                               stop_token)

@@ -174,3 +174,20 @@ def test_unknown_names_and_missing_paths(tmp_path):
     hf_gpt2().save_pretrained(tmp_path / 'gpt')
     with pytest.raises(ValueError, match="is a 'gpt2' model, not RWKV"):
         RWKV.from_pretrained(tmp_path / 'gpt')
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.bfloat16, 0.25), (torch.float16, 0.04)])  # measured 0.13, 0.019
+def test_rwkv_half_precision_inference(dtype, tol):
+    # 12 layers: with rescale_for_fp16(6) the activations halve after layers 6 and 12
+    model = tiny_rwkv(torch.float32, n_layer=12)
+    idx = tokens(9)
+    with torch.no_grad():
+        want, _ = model.prefill(idx)
+        if dtype == torch.float16:
+            model.rescale_for_fp16(6)
+        half = model.to(dtype)
+        got, state = half.prefill(idx)
+        step, _ = half.step(idx[:, 0], None)
+    assert got.dtype == dtype and state.dtype == torch.float32  # the state stays fp32
+    assert torch.isfinite(got).all() and max_diff(got.float(), want) <= tol * want.abs().max().item()
+    assert max_diff(step.float(), want[:, 0]) <= tol * want.abs().max().item()

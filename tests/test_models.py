@@ -257,3 +257,15 @@ def test_top_p_keeps_only_the_nucleus():
     assert set(draws.flatten().tolist()) == {0, 1}  # 0.5 + 0.3 reach 0.7; 2 and 3 never drawn
     draws = torch.cat([sample_logits(probs.log(), 1.0, None, 0.1) for _ in range(50)])
     assert set(draws.flatten().tolist()) == {0}  # the most likely token always stays
+
+
+@pytest.mark.parametrize('make', [tiny_gpt, lambda: tiny_rwkv(torch.float32)])
+def test_generate_streams_tokens_and_stops(make):
+    model = make()
+    idx = torch.randint(0, 37, (1, 3), generator=torch.Generator().manual_seed(8))
+    seen = []
+    full = model.generate(idx, 12, temperature=0, on_token=seen.append)
+    assert seen == full[0, 3:].tolist()
+    stop = seen[4]
+    stopped = model.generate(idx, 12, temperature=0, stop_token=stop)
+    assert stopped[0, 3:].tolist() == seen[:seen.index(stop) + 1]

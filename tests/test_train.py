@@ -199,12 +199,6 @@ def test_block_size_larger_than_data(dataset, tmp_path):
                    'use a smaller --block_size')
 
 
-def test_defaults_are_train_py_globals():
-    # every key is a module-level default of train.py with its type
-    for k, v in DEFAULTS.items():
-        assert getattr(train, k) == v
-
-
 def test_export_checkpoint(trained, tmp_path):
     model_type, out, _ = trained
     transformers = pytest.importorskip('transformers')
@@ -224,3 +218,23 @@ def test_export_checkpoint(trained, tmp_path):
         assert set(state) == set(ckpt['model'])
     else:
         one_line_error(r, 'export.py', "format 'pth' is RWKV's official format")
+
+
+def test_sample_from_exported_directory_streams_same_text(trained, tmp_path):
+    model_type, out, _ = trained
+    pytest.importorskip('transformers')
+    assert run('export.py', f'--out_dir={out}', f'--dest={tmp_path / "hf"}').returncode == 0
+    common = ['--start=abc', '--num_samples=1', '--max_new_tokens=30', '--temperature=0', '--device=cpu']
+    from_dir = run('sample.py', f'--init_from={tmp_path / "hf"}', *common)
+    from_ckpt = run('sample.py', f'--out_dir={out}', *common)
+    assert from_dir.returncode == 0, from_dir.stderr
+    assert from_dir.stdout == from_ckpt.stdout and from_dir.stdout.startswith('abc')
+
+
+def test_sample_hub_name_offline_is_one_line(tmp_path):
+    env_run = subprocess.run([sys.executable, str(REPO / 'sample.py'), '--init_from=RWKV/rwkv-4-169m-pile'],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                             env={**__import__('os').environ, 'HF_HUB_OFFLINE': '1'})
+    one_line_error(env_run, 'sample.py', 'could not download RWKV/rwkv-4-169m-pile')
+    assert 'a local path works' in env_run.stderr
+    one_line_error(run('sample.py', '--init_from=gpt3'), 'sample.py', "init_from='gpt3'")
