@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from tokenizer import get_codec
-from train import ConfigError, load_checkpoint, model_from_checkpoint, parse_config, resolve_device, resolve_dtype
+from train import (ConfigError, load_checkpoint, load_pretrained, model_from_checkpoint, parse_config, resolve_device,
+                   resolve_dtype)
 
 DEFAULTS = dict(
     init_from='resume',  # 'resume' (out_dir/ckpt.pt), gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face directory, a .pth
@@ -35,40 +36,6 @@ DEFAULTS = dict(
     mode='auto',  # 'auto' | 'rnn' | 'parallel'
     stop_at_eot=False,  # stop a sample at <|endoftext|> (BPE tokenizers)
 )
-
-
-def load_model(init_from, out_dir, device):
-    """(model, model type, tokenizer spec) for sample.py's --init_from."""
-    from model_gpt import GPT
-    from model_rwkv import RWKV
-    if init_from == 'resume':
-        ckpt = load_checkpoint(Path(out_dir) / 'ckpt.pt', device)
-        return model_from_checkpoint(ckpt), ckpt['model_type'], ckpt.get('tokenizer', {'tokenizer': 'gpt2'})
-    path = Path(init_from)
-    if init_from in GPT.HUB_NAMES:
-        return GPT.from_pretrained(init_from), 'gpt', {'tokenizer': 'gpt2'}
-    if init_from in RWKV.HUB_NAMES:
-        return RWKV.from_pretrained(init_from), 'rwkv', {'tokenizer': 'neox'}
-    if path.is_file():
-        return RWKV.from_pretrained(path), 'rwkv', {'tokenizer': 'neox'}  # an official .pth: a Pile model
-    if path.is_dir():
-        import json
-        model_type = json.loads((path / 'config.json').read_text()).get('model_type') \
-            if (path / 'config.json').is_file() else None
-        if model_type not in ('rwkv', 'gpt2'):
-            raise ConfigError(f"{path} is not a Hugging Face RWKV or GPT-2 directory (config.json model_type: "
-                              f"{model_type})")
-        # the tokenizer: the one export.py recorded, else the directory's tokenizer.json, else the family's usual
-        if (path / 'nanorwkv_tokenizer.json').is_file():
-            spec = json.loads((path / 'nanorwkv_tokenizer.json').read_text())
-        elif (path / 'tokenizer.json').is_file():
-            spec = {'tokenizer': 'file', 'path': str(path / 'tokenizer.json')}
-        else:
-            spec = {'tokenizer': 'neox' if model_type == 'rwkv' else 'gpt2'}
-        model = RWKV.from_pretrained(path) if model_type == 'rwkv' else GPT.from_pretrained(path)
-        return model, 'rwkv' if model_type == 'rwkv' else 'gpt', spec
-    raise ConfigError(f"init_from={init_from!r}: expected 'resume', {', '.join(GPT.HUB_NAMES)}, "
-                      f"RWKV/rwkv-4-{{169m,430m,1b5,3b,7b,14b}}-pile, a Hugging Face directory or an RWKV-4 .pth")
 
 
 def main(argv):
@@ -91,10 +58,12 @@ def main(argv):
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-    try:
-        model, model_type, spec = load_model(c['init_from'], c['out_dir'], device)
-    except ValueError as e:  # from_pretrained's errors are one line already
-        raise ConfigError(str(e)) from e
+    if c['init_from'] == 'resume':
+        ckpt = load_checkpoint(Path(c['out_dir']) / 'ckpt.pt', device)
+        model, model_type = model_from_checkpoint(ckpt), ckpt['model_type']
+        spec = ckpt.get('tokenizer', {'tokenizer': 'gpt2'})
+    else:
+        model, model_type, spec = load_pretrained(c['init_from'])
     mode = c['mode'] if c['mode'] != 'auto' else ('rnn' if model_type == 'rwkv' else 'parallel')
     if mode == 'rnn' and model_type != 'rwkv':
         raise ConfigError("mode='rnn' needs an RWKV model; this checkpoint is a GPT: use --mode=parallel")

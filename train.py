@@ -35,7 +35,8 @@ log_interval = 1
 eval_iters = 200
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save after every eval, not only when val loss improves
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt, either model type)
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt, either model type), or a pretrained model: gpt2*,
+# RWKV/rwkv-4-*-pile, a Hugging Face directory or an RWKV-4 .pth (with eval_only: the eval configs)
 # wandb logging
 wandb_log = False
 wandb_project = 'nanorwkv'
@@ -179,6 +180,42 @@ def model_from_checkpoint(ckpt):
     return model
 
 
+def load_pretrained(init_from, wkv_backend='auto'):
+    """(model, model type, tokenizer spec) for a pretrained model: gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face format
+    directory (RWKV or GPT-2) or an official RWKV-4 .pth. Errors are ConfigErrors of one line."""
+    import json
+    from model_gpt import GPT
+    from model_rwkv import RWKV
+    path = Path(init_from)
+    try:
+        if init_from in GPT.HUB_NAMES:
+            return GPT.from_pretrained(init_from), 'gpt', {'tokenizer': 'gpt2'}
+        if init_from in RWKV.HUB_NAMES:
+            return RWKV.from_pretrained(init_from, wkv_backend), 'rwkv', {'tokenizer': 'neox'}
+        if path.is_file():
+            return RWKV.from_pretrained(path, wkv_backend), 'rwkv', {'tokenizer': 'neox'}  # official: a Pile model
+        if path.is_dir():
+            config = path / 'config.json'
+            model_type = json.loads(config.read_text()).get('model_type') if config.is_file() else None
+            if model_type not in ('rwkv', 'gpt2'):
+                raise ConfigError(f"{path} is not a Hugging Face RWKV or GPT-2 directory (config.json model_type: "
+                                  f"{model_type})")
+            # the tokenizer: what export.py recorded, else the directory's tokenizer.json, else the family's usual
+            if (path / 'nanorwkv_tokenizer.json').is_file():
+                spec = json.loads((path / 'nanorwkv_tokenizer.json').read_text())
+            elif (path / 'tokenizer.json').is_file():
+                spec = {'tokenizer': 'file', 'path': str(path / 'tokenizer.json')}
+            else:
+                spec = {'tokenizer': 'neox' if model_type == 'rwkv' else 'gpt2'}
+            if model_type == 'rwkv':
+                return RWKV.from_pretrained(path, wkv_backend), 'rwkv', spec
+            return GPT.from_pretrained(path), 'gpt', spec
+    except ValueError as e:  # from_pretrained's errors are one line already
+        raise ConfigError(str(e)) from e
+    raise ConfigError(f"init_from={init_from!r}: expected {', '.join(GPT.HUB_NAMES)}, RWKV/rwkv-4-{{169m,430m,1b5,"
+                      f"3b,7b,14b}}-pile, a Hugging Face directory or an RWKV-4 .pth")
+
+
 def data_path(config):
     return Path(config['data_dir']) if config['data_dir'] else REPO / 'data' / config['dataset']
 
@@ -241,8 +278,6 @@ def main(argv):
     dtype = resolve_dtype(c['dtype'], device_type)
     if c['model_type'] not in ('gpt', 'rwkv'):
         raise ConfigError(f"model_type must be 'gpt' or 'rwkv', got '{c['model_type']}'")
-    if c['init_from'] not in ('scratch', 'resume'):
-        raise ConfigError(f"init_from must be 'scratch' or 'resume', got '{c['init_from']}'")
     if c['gradient_accumulation_steps'] % world_size != 0:
         raise ConfigError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be a multiple of "
                           f"the number of processes ({world_size})")
@@ -307,6 +342,22 @@ def main(argv):
             model_args = dict(n_layer=c['n_layer'], n_embd=c['n_embd'], block_size=c['block_size'],
                               vocab_size=vocab_size, emb_init=c['learning_rate'], wkv_backend=c['wkv_backend'])
         model = build_model(c['model_type'], model_args)
+        checkpoint = None
+    elif c['init_from'] != 'resume':
+        model, c['model_type'], spec = load_pretrained(c['init_from'], c['wkv_backend'])
+        data_tokenizer = (meta or {'tokenizer': 'gpt2'}).get('tokenizer')
+        if spec['tokenizer'] != 'file' and data_tokenizer != spec['tokenizer']:
+            raise ConfigError(f"{ddir} is tokenized with '{data_tokenizer}' but {c['init_from']} reads "
+                              f"'{spec['tokenizer']}': tokenize the data with the model's tokenizer, e.g. "
+                              f"python data/openwebtext/prepare.py --tokenizer={spec['tokenizer']}")
+        if c['model_type'] == 'gpt':
+            if c['block_size'] > model.config.block_size:
+                raise ConfigError(f"block_size={c['block_size']} exceeds {c['init_from']}'s "
+                                  f"{model.config.block_size} positions")
+            model.crop_block_size(c['block_size'])
+        else:
+            model.config.block_size = c['block_size']
+        model_args = asdict(model.config)
         checkpoint = None
     else:
         checkpoint = load_checkpoint(ckpt_path, device)

@@ -238,3 +238,19 @@ def test_sample_hub_name_offline_is_one_line(tmp_path):
     one_line_error(env_run, 'sample.py', 'could not download RWKV/rwkv-4-169m-pile')
     assert 'a local path works' in env_run.stderr
     one_line_error(run('sample.py', '--init_from=gpt3'), 'sample.py', "init_from='gpt3'")
+
+
+def test_eval_only_from_pretrained_directory(trained, dataset, tmp_path):
+    # the eval configs' path: init_from a pretrained model, evaluate once; the loss is the trained model's
+    model_type, out, stdout = trained
+    pytest.importorskip('safetensors')
+    assert run('export.py', f'--out_dir={out}', f'--dest={tmp_path / "hf"}').returncode == 0
+    args = tiny_args(model_type, dataset, tmp_path / 'eval', 1) + [f'--init_from={tmp_path / "hf"}',
+                                                                   '--eval_only=True', '--eval_iters=20']
+    r = run('train.py', *args)
+    assert r.returncode == 0, r.stderr
+    (step, _, val), = eval_lines(r.stdout)
+    assert step == 0 and abs(val - eval_lines(stdout)[-1][2]) < 0.15
+    # a directory without a recorded tokenizer reads GPT-2 BPE or NeoX, not this char dataset: refused
+    (tmp_path / 'hf' / 'nanorwkv_tokenizer.json').unlink()
+    one_line_error(run('train.py', *args), 'train.py', "is tokenized with 'char' but")
