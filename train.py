@@ -333,7 +333,9 @@ def main(argv):
     iter_num, best_val_loss = 0, 1e9
     ckpt_path = Path(c['out_dir']) / 'ckpt.pt'
     if c['init_from'] == 'scratch':
-        vocab_size = meta['vocab_size'] if meta else 50304  # GPT-2's 50257 padded to a multiple of 64
+        vocab_size = meta['vocab_size'] if meta else 50257  # no meta.json: GPT-2 BPE
+        if not meta or meta['tokenizer'] != 'char':
+            vocab_size = -(-vocab_size // 64) * 64  # BPE: pad to a multiple of 64 for faster matmuls (GPT-2: 50304)
         if c['model_type'] == 'gpt':
             model_args = dict(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['block_size'],
                               bias=c['bias'], vocab_size=vocab_size, dropout=c['dropout'])
