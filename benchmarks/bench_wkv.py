@@ -6,7 +6,6 @@ $ python benchmarks/bench_wkv.py --device=cuda --shapes="[(8, 1024, 768)]" --dty
 
 Times are medians over --repeats runs after a warm-up; ratios are to the 'torch' reference in the same run.
 """
-import ast
 import platform
 import statistics
 import subprocess
@@ -22,13 +21,13 @@ from wkv_cuda import wkv  # noqa: E402
 
 DEFAULTS = dict(
     device='cpu',
-    shapes='[(8, 1024, 512), (8, 256, 512), (3, 11, 5)]',  # (B, T, C) for the op
-    dtypes="['float32']",  # k, v dtype for the op; bfloat16 on CUDA
+    shapes=[(8, 1024, 512), (8, 256, 512), (3, 11, 5)],  # (B, T, C) for the op
+    dtypes=['float32'],  # k, v dtype for the op; bfloat16 on CUDA
     repeats=5,
     torch_max_t=1024,  # skip the reference above this T (it is a Python loop)
     # the training-throughput comparison: RWKV and GPT of the same depth, width and vocabulary; each entry is
     # (n_layer, n_embd, vocab_size): a char-level model, and one with GPT-2's vocabulary (the head then dominates)
-    models='[(4, 256, 65), (4, 512, 50304)]',
+    models=[(4, 256, 65), (4, 512, 50304)],
     model_block_size=1024,
     model_batch_size=4,
     model_iters=3,
@@ -56,11 +55,11 @@ def bench_op(c):
     device = c['device']
     backends = ['torch', 'cuda' if device.startswith('cuda') else 'cpu']
     print(f"\n## WKV op, fwd+bwd, device {device}, median of {c['repeats']}")
-    print(f"| backend | dtype | B | T | C | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs torch |")
-    print(f"|---|---|---|---|---|---|---|---|")
-    for dtype_name in ast.literal_eval(c['dtypes']):
+    print("| backend | dtype | B | T | C | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs torch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dtype_name in c['dtypes']:
         dtype = getattr(torch, dtype_name)
-        for B, T, C in ast.literal_eval(c['shapes']):
+        for B, T, C in c['shapes']:
             g = torch.Generator().manual_seed(0)
             td = (torch.randn(C, generator=g) - 1).to(device).requires_grad_()
             tf = torch.randn(C, generator=g).to(device).requires_grad_()
@@ -97,7 +96,7 @@ def bench_models(c):
           f"step, median of {c['model_iters']} iterations")
     print("| model | n_layer | n_embd | vocab | WKV backend | ms/iter | tokens/s | vs GPT |")
     print("|---|---|---|---|---|---|---|---|")
-    for L, C, V in ast.literal_eval(c['models']):
+    for L, C, V in c['models']:
         models = [('gpt', '-', lambda: GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=max(1, C // 64),
                                                       n_embd=C, bias=False)))]
         for backend in (kernel, 'torch'):
@@ -105,11 +104,13 @@ def bench_models(c):
                                                                                n_embd=C, wkv_backend=b))))
         try:
             from transformers import RwkvConfig, RwkvForCausalLM
+            if L < 2:
+                raise ImportError("its RWKV init divides by n_layer - 1")
             hf_config = RwkvConfig(vocab_size=V, context_length=T, hidden_size=C, num_hidden_layers=L,
                                    attention_hidden_size=C, intermediate_size=4 * C)
             models.append(('transformers RwkvForCausalLM', 'its own', lambda: HFWrapper(RwkvForCausalLM(hf_config))))
-        except ImportError:
-            print("(transformers is not installed: its RWKV is left out)")
+        except ImportError as e:
+            print(f"(transformers' RWKV is left out: {e})")
         idx = torch.randint(0, V, (B, T), device=device)
         gpt_tps = None
         for name, backend, make in models:
