@@ -75,8 +75,7 @@ compile = False  # torch.compile the model
 seed = 1337
 peak_flops = 0.0  # device peak FLOP/s for MFU; 0 means: a table for known GPUs, else a matmul measured at start
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))
-            and k != 'REPO'}
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 
 class ConfigError(ValueError):

@@ -3,7 +3,7 @@ evaluated directly in float64 with autograd for the gradients."""
 import pytest
 import torch
 
-from wkv_cuda import initial_state, wkv
+from wkv_cuda import wkv
 
 
 def oracle(time_decay, time_first, k, v, state=None):
@@ -106,16 +106,14 @@ def test_large_keys_stay_finite_and_match_oracle():
     assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in gs)
 
 
-def test_chunked_equals_whole_forward_and_backward():
-    B, T, C = 3, 20, 6
-    inputs = make_inputs(B, T, C)
-    y_whole, s_whole = wkv(*inputs, backend='torch')
-    loss_whole = nonlinear_loss(y_whole, *s_whole[:2])
-    g_whole = grads(loss_whole, inputs)
-
+def check_chunked_equals_whole(backend, device='cpu', T=20, cuts=((0, 7), (7, 8), (8, 20))):
+    """Forward and backward over uneven chunks carrying the state (one chunk of length 1) equal one whole pass."""
+    inputs = [x.detach().to(device).requires_grad_() for x in make_inputs(3, T, 6)]
+    y_whole, s_whole = wkv(*inputs, backend=backend)
+    g_whole = grads(nonlinear_loss(y_whole, *s_whole[:2]), inputs)
     state, ys = None, []
-    for lo, hi in [(0, 7), (7, 8), (8, 20)]:  # uneven chunks, one of length 1
-        y, state = wkv(inputs[0], inputs[1], inputs[2][:, lo:hi], inputs[3][:, lo:hi], state=state, backend='torch')
+    for lo, hi in cuts:
+        y, state = wkv(inputs[0], inputs[1], inputs[2][:, lo:hi], inputs[3][:, lo:hi], state=state, backend=backend)
         ys.append(y)
     y_chunks = torch.cat(ys, dim=1)
     # the chunked state has the same shift pp as the whole run, so aa and bb compare directly
@@ -127,15 +125,21 @@ def test_chunked_equals_whole_forward_and_backward():
         torch.testing.assert_close(g_c, g_w, rtol=1e-10, atol=1e-10)
 
 
-def test_gradcheck_reference():
-    inputs = make_inputs(2, 5, 3)
-    state = random_state(2, 3)
-
+def check_gradcheck(backend):
+    """torch.autograd.gradcheck through the op with an incoming state, on the true sums of the outgoing state."""
     def f(td, tf, k, v, aa, bb, pp):
-        y, (aa2, bb2, pp2) = wkv(td, tf, k, v, state=(aa, bb, pp), backend='torch')
+        y, (aa2, bb2, pp2) = wkv(td, tf, k, v, state=(aa, bb, pp), backend=backend)
         return y, aa2 * torch.exp(pp2), bb2 * torch.exp(pp2)
 
-    assert torch.autograd.gradcheck(f, inputs + state)
+    assert torch.autograd.gradcheck(f, make_inputs(2, 5, 3) + random_state(2, 3))
+
+
+def test_chunked_equals_whole_forward_and_backward():
+    check_chunked_equals_whole('torch')
+
+
+def test_gradcheck_reference():
+    check_gradcheck('torch')
 
 
 def test_bfloat16_inputs_accumulate_in_float32():
@@ -154,10 +158,3 @@ def test_unknown_backend_is_an_error():
     inputs = make_inputs(1, 2, 2)
     with pytest.raises(ValueError, match="wkv_backend must be one of"):
         wkv(*inputs, backend='triton')
-
-
-def test_initial_state_is_empty_history():
-    inputs = make_inputs(2, 6, 4)
-    y0, _ = wkv(*inputs, backend='torch')
-    y1, _ = wkv(*inputs, state=initial_state(2, 4, dtype=torch.float64), backend='torch')
-    torch.testing.assert_close(y0, y1, rtol=0, atol=0)

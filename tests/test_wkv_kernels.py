@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import wkv_cuda
-from test_wkv import grads, make_inputs, nonlinear_loss, oracle, random_state
+from test_wkv import (check_chunked_equals_whole, check_gradcheck, grads, make_inputs, nonlinear_loss, oracle,
+                      random_state)
 from wkv_cuda import wkv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,29 +91,11 @@ def test_kernel_float32_matches_reference_realistic(device):
 
 @pytest.mark.parametrize('device', DEVICES)
 def test_kernel_chunked_equals_whole(device):
-    B, T, C = 3, 40, 10
-    inputs = to(device, make_inputs(B, T, C))
-    y_whole, s_whole = wkv(*inputs, backend=device)
-    g_whole = grads(nonlinear_loss(y_whole, *s_whole[:2]), inputs)
-    state, ys = None, []
-    for lo, hi in [(0, 13), (13, 14), (14, 40)]:
-        y, state = wkv(inputs[0], inputs[1], inputs[2][:, lo:hi], inputs[3][:, lo:hi], state=state, backend=device)
-        ys.append(y)
-    g_chunks = grads(nonlinear_loss(torch.cat(ys, dim=1), *state[:2]), inputs)
-    torch.testing.assert_close(torch.cat(ys, dim=1), y_whole, rtol=1e-12, atol=1e-12)
-    for g_c, g_w in zip(g_chunks, g_whole):
-        torch.testing.assert_close(g_c, g_w, rtol=1e-10, atol=1e-10)
+    check_chunked_equals_whole(device, device, T=40, cuts=((0, 13), (13, 14), (14, 40)))
 
 
 def test_gradcheck_cpu_kernel():
-    inputs = make_inputs(2, 5, 3)
-    state = random_state(2, 3)
-
-    def f(td, tf, k, v, aa, bb, pp):
-        y, (aa2, bb2, pp2) = wkv(td, tf, k, v, state=(aa, bb, pp), backend='cpu')
-        return y, aa2 * torch.exp(pp2), bb2 * torch.exp(pp2)
-
-    assert torch.autograd.gradcheck(f, inputs + state)
+    check_gradcheck('cpu')
 
 
 @pytest.mark.parametrize('device', DEVICES)
