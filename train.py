@@ -96,8 +96,26 @@ def _check(config, key, value, origin):
     return value
 
 
+def usage(script):
+    """A script's --help: its docstring and its defaults with their comments (the defaults are the documentation)."""
+    source = Path(script).read_text()
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    marks = [i for i, line in enumerate(lines) if line.startswith('# ---')]
+    if len(marks) >= 2:  # train.py: module-level defaults between two marker lines
+        block = '\n'.join(lines[marks[0] + 1:marks[1]])
+    else:  # DEFAULTS = dict(...)
+        node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], 'id', '') == 'DEFAULTS')
+        block = '\n'.join(lines[node.lineno:node.end_lineno - 1])
+    return f"{ast.get_docstring(tree)}\n\noptions, as --key=value (or in a config file as key = value):\n{block}"
+
+
 def parse_config(defaults, argv):
-    """defaults updated by config files and --key=value arguments, in order. Raises ConfigError on anything else."""
+    """defaults updated by config files and --key=value arguments, in order. Raises ConfigError on anything else.
+    -h / --help prints the running script's usage and exits."""
+    if any(arg in ('-h', '--help') for arg in argv):
+        print(usage(sys.modules['__main__'].__file__))
+        raise SystemExit(0)
     config = dict(defaults)
     for arg in argv:
         if not arg.startswith('--'):

@@ -1,0 +1,211 @@
+"""
+Per-token latency and memory of RWKV (RNN mode, constant state) vs GPT (KV cache) as the context grows.
+
+Both models are this repository's, randomly initialised at the same depth, width and vocabulary, generating greedily
+one token at a time from an empty history. At every step we record the step's latency, the cumulative time and the
+memory: on a GPU the peak allocated memory; on a CPU the bytes of the RWKV state / GPT KV cache and the process RSS.
+
+$ python benchmark_inference_time.py                                    # CPU, L6 C512, 4096 tokens
+$ python benchmark_inference_time.py --device=cuda --dtype=float16 --n_layer=32 --n_embd=2560 --n_head=32 \
+      --n_tokens=16384                                                 # GPU, ~3B models as in the original plot
+
+Writes <out>.csv (one row per model and token), <out>.json (config, machine, summary, rows) and the three-panel PNG
+at --plot, and prints a summary table. Options are --key=value overrides of DEFAULTS below, as in train.py.
+"""
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from train import ConfigError, parse_config, resolve_device
+
+DEFAULTS = dict(
+    device='auto',  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
+    dtype='float32',  # weights and activations: 'float32', 'bfloat16' or 'float16' (RWKV state stays fp32)
+    models=['rwkv', 'gpt'],
+    n_layer=6,
+    n_embd=512,
+    n_head=8,  # gpt only
+    vocab_size=50277,
+    n_tokens=4096,  # tokens generated per model, from an empty context
+    report_at=[64, 256, 1024, 4096],  # context lengths in the summary (those <= n_tokens)
+    window=32,  # the summary's ms/token at context n is the median over the `window` steps ending at n
+    out='benchmarks/results/inference_time_{device}',  # .csv and .json; {device} becomes cpu / cuda
+    plot='assets/inference_time_{device}.png',
+    seed=1337,
+)
+
+
+def make_model(name, c, dtype, device):
+    torch.manual_seed(c['seed'])
+    if name == 'rwkv':
+        from model_rwkv import RWKV, RWKVConfig
+        model = RWKV(RWKVConfig(n_layer=c['n_layer'], n_embd=c['n_embd'], vocab_size=c['vocab_size'],
+                                block_size=c['n_tokens']))
+        with torch.no_grad():  # v4neo's init zeroes several matrices; random weights make every matmul real work
+            for n, p in model.named_parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.02)
+    elif name == 'gpt':
+        from model_gpt import GPT, GPTConfig
+        if c['n_embd'] % c['n_head']:
+            raise ConfigError(f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
+        model = GPT(GPTConfig(n_layer=c['n_layer'], n_embd=c['n_embd'], n_head=c['n_head'],
+                              vocab_size=c['vocab_size'], block_size=c['n_tokens'], bias=False))
+    else:
+        raise ConfigError(f"models may hold 'rwkv' and 'gpt', got {name!r}")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def cache_bytes(cache):
+    """Bytes of the RWKV state (one tensor) or the GPT KV cache (per layer a (k, v) pair)."""
+    if torch.is_tensor(cache):
+        return cache.numel() * cache.element_size()
+    return sum(t.numel() * t.element_size() for kv in cache for t in kv)
+
+
+def rss_bytes():
+    """Resident set size of this process now (Linux), else its peak so far."""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except OSError:
+        scale = 1 if sys.platform == 'darwin' else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+@torch.inference_mode()
+def run(name, model, c, device):
+    """Greedy generation of n_tokens from an empty history; one row per token."""
+    from tqdm import tqdm
+    cuda = device.startswith('cuda')
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    token = torch.zeros(1, dtype=torch.long, device=device)
+    cache, rows, total = None, [], 0.0
+    for n in tqdm(range(1, c['n_tokens'] + 1), desc=name, unit='tok', mininterval=1, file=sys.stderr):
+        t0 = time.perf_counter()
+        logits, cache = model.step(token, cache)
+        token = logits.argmax(-1)
+        if cuda:
+            torch.cuda.synchronize()
+        else:
+            token = token.clone()  # nothing is lazy on the CPU; the argmax above has run
+        dt = time.perf_counter() - t0
+        total += dt
+        row = dict(model=name, tokens=n, ms_per_token=dt * 1e3, cumulative_s=total,
+                   cache_mb=cache_bytes(cache) / 2 ** 20)
+        if cuda:
+            row['peak_allocated_mb'] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        else:
+            row['rss_mb'] = rss_bytes() / 2 ** 20
+        rows.append(row)
+    return rows
+
+
+def summarize(rows, c):
+    """Per model: median ms/token over the window ending at each reported context, the ratio last / first, memory."""
+    at = [n for n in c['report_at'] if n <= c['n_tokens']] or [c['n_tokens']]
+    summary = {}
+    for name in dict.fromkeys(r['model'] for r in rows):
+        mine = [r for r in rows if r['model'] == name]
+        ms = {n: statistics.median(r['ms_per_token'] for r in mine[max(0, n - c['window']):n]) for n in at}
+        summary[name] = dict(ms_per_token=ms, ratio_last_first=ms[at[-1]] / ms[at[0]],
+                             cache_mb_first=mine[at[0] - 1]['cache_mb'], cache_mb_last=mine[at[-1] - 1]['cache_mb'],
+                             total_s=mine[-1]['cumulative_s'])
+    return at, summary
+
+
+def print_table(at, summary):
+    print(f"| model | {' | '.join(f'ms/token @{n}' for n in at)} | @{at[-1]} / @{at[0]} | "
+          f"state/cache MB @{at[0]} -> @{at[-1]} | total s |")
+    print('|---' * (len(at) + 4) + '|')
+    for name, s in summary.items():
+        cells = ' | '.join(f"{s['ms_per_token'][n]:.3f}" for n in at)
+        print(f"| {name} | {cells} | {s['ratio_last_first']:.3f} | {s['cache_mb_first']:.3f} -> "
+              f"{s['cache_mb_last']:.3f} | {s['total_s']:.1f} |")
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    mem_key = 'peak_allocated_mb' if 'peak_allocated_mb' in rows[0] else 'rss_mb'
+    for name in dict.fromkeys(r['model'] for r in rows):
+        mine = [r for r in rows if r['model'] == name]
+        n = [r['tokens'] for r in mine]
+        line, = axes[0].plot(n, [r['ms_per_token'] for r in mine], lw=0.6, label=name)
+        axes[1].plot(n, [r['cumulative_s'] for r in mine], color=line.get_color(), label=name)
+        if mem_key == 'peak_allocated_mb':
+            axes[2].plot(n, [r[mem_key] for r in mine], color=line.get_color(), label=f"{name} (peak allocated)")
+        else:  # the RSS holds the weights and the allocator's pools: its growth is what generation adds
+            axes[2].plot(n, [r[mem_key] - mine[0][mem_key] for r in mine], color=line.get_color(),
+                         label=f"{name} (process RSS growth)")
+        axes[2].plot(n, [r['cache_mb'] for r in mine], color=line.get_color(), ls='--',
+                     label=f"{name} ({'state' if name == 'rwkv' else 'KV cache'})")
+    for ax, ylabel, t in zip(axes, ['ms', 's', 'MB'], ['single-token latency', 'cumulative latency', 'memory']):
+        ax.set(xlabel='#tokens', ylabel=ylabel, title=t)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    c = parse_config(DEFAULTS, argv)
+    device = resolve_device(c['device'])
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    if c['dtype'] not in ('float32', 'bfloat16', 'float16'):
+        raise ConfigError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {c['dtype']!r}")
+    if c['n_tokens'] < 1 or c['window'] < 1:
+        raise ConfigError("n_tokens and window must be positive")
+    dtype = getattr(torch, c['dtype'])
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    machine = torch.cuda.get_device_name(device) if device_type == 'cuda' else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    title = (f"L{c['n_layer']} C{c['n_embd']} V{c['vocab_size']} {c['dtype']}, batch 1, {machine}, torch "
+             f"{torch.__version__}, commit {commit}")
+    print(f"# benchmark_inference_time.py {' '.join(argv)}\n{title}, {time.strftime('%Y-%m-%d')}")
+
+    rows = []
+    for name in c['models']:
+        model = make_model(name, c, dtype, device)
+        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
+        rows += run(name, model, c, device)
+        del model
+    at, summary = summarize(rows, c)
+    print_table(at, summary)
+
+    out = Path(c['out'].format(device=device_type))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix('.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = dict(argv=argv, config=c, device=device, machine=machine, torch=torch.__version__, commit=commit,
+                date=time.strftime('%Y-%m-%d'), summary=summary)
+    out.with_suffix('.json').write_text(json.dumps(dict(meta, rows=rows), indent=1))
+    png = Path(c['plot'].format(device=device_type))
+    plot(rows, png, title)
+    print(f"wrote {out.with_suffix('.csv')}, {out.with_suffix('.json')} and {png}")
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"benchmark_inference_time.py: error: {e}")
