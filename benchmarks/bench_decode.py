@@ -1,0 +1,125 @@
+"""
+RNN-mode decoding speed: our RWKV.step vs the `rwkv` pip package (strategy 'cpu fp32', its default TorchScript
+path) on the same exported RWKV-4 .pth, in one run. Both decode one sequence, one token at a time; the logits of the
+two are compared on the way, so both provably run the same weights. Our batched decode is shown next to it (the
+package decodes one sequence per call).
+
+$ python benchmarks/bench_decode.py
+$ python benchmarks/bench_decode.py --sizes="[(12, 768, 50277)]" --n_tokens=200
+
+Tokens/s are medians over --repeats runs of --n_tokens steps each, after --warmup steps.
+"""
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train import ConfigError, parse_config  # noqa: E402
+
+DEFAULTS = dict(
+    # (n_layer, n_embd, vocab_size): a char-level model, a small BPE model, and RWKV-4 169M's shape
+    sizes=[(4, 256, 65), (6, 512, 50277), (12, 768, 50277)],
+    n_tokens=64,  # steps per timed run
+    warmup=8,
+    repeats=3,
+    batch_size=8,  # our batched decode, the extra column
+    seed=1337,
+)
+
+
+def decode_rate(step, n_tokens, warmup, repeats, batch=1):
+    """tokens/s of step(i) called n_tokens times, median over repeats."""
+    for i in range(warmup):
+        step(i)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(n_tokens):
+            step(i)
+        rates.append(batch * n_tokens / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def bench(L, C, V, c, tmp):
+    os.environ.setdefault('RWKV_CUDA_ON', '0')
+    from rwkv.model import RWKV as PipRWKV
+    from model_rwkv import RWKV, RWKVConfig
+    torch.manual_seed(c['seed'])
+    src = RWKV(RWKVConfig(n_layer=L, n_embd=C, vocab_size=V))
+    with torch.no_grad():  # v4neo's init zeroes several matrices; random weights make every matmul real work
+        for p in src.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    path = Path(tmp) / f'L{L}-C{C}-V{V}.pth'
+    src.save_pth(path)
+    ours = RWKV.from_pretrained(path).eval()  # the same file for both
+    pip = PipRWKV(model=str(path.with_suffix('')), strategy='cpu fp32', verbose=False)
+    tokens = torch.randint(0, V, (c['warmup'] + c['n_tokens'],), generator=torch.Generator().manual_seed(c['seed']))
+
+    # the same logits, token by token, before timing anything
+    state, pip_state, diff = None, None, 0.0
+    with torch.inference_mode():
+        for t in tokens[:16].tolist():
+            logits, state = ours.step(torch.tensor([t]), state)
+            pip_logits, pip_state = pip.forward([t], pip_state)
+            diff = max(diff, (logits[0] - pip_logits).abs().max().item())
+
+    def run_ours(batch):
+        s = [None]
+        toks = tokens[:, None].expand(-1, batch).contiguous()
+
+        def step(i):
+            with torch.inference_mode():
+                _, s[0] = ours.step(toks[i], s[0])
+        return step
+
+    pip_s = [None]
+
+    def run_pip(i):
+        _, pip_s[0] = pip.forward([int(tokens[i])], pip_s[0])
+
+    n, w, r = c['n_tokens'], c['warmup'], c['repeats']
+    ours_1 = decode_rate(run_ours(1), n, w, r)
+    pip_1 = decode_rate(run_pip, n, w, r)
+    ours_b = decode_rate(run_ours(c['batch_size']), n, w, r, c['batch_size'])
+    return ours_1, pip_1, ours_b, diff
+
+
+def main(argv):
+    c = parse_config(DEFAULTS, argv)
+    if c['n_tokens'] < 1 or c['repeats'] < 1 or c['warmup'] < 0 or c['batch_size'] < 1:
+        raise ConfigError("n_tokens, repeats and batch_size must be positive, warmup >= 0")
+    try:
+        import rwkv  # noqa: F401
+    except ImportError:
+        raise ConfigError("the rwkv package is not installed: pip install rwkv")
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    import rwkv
+    print(f"# bench_decode.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, rwkv "
+          f"{getattr(rwkv, '__version__', '?')}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}\nfp32 on the CPU, greedy-free decode of "
+          f"{c['n_tokens']} tokens, median of {c['repeats']}\n")
+    B = c['batch_size']
+    print(f"| n_layer | n_embd | vocab | ours tok/s | rwkv pip tok/s | ours / pip | ours batch {B} tok/s | "
+          f"max logit diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for L, C, V in c['sizes']:
+            ours_1, pip_1, ours_b, diff = bench(L, C, V, c, tmp)
+            print(f"| {L} | {C} | {V} | {ours_1:,.1f} | {pip_1:,.1f} | {ours_1 / pip_1:.2f}x | {ours_b:,.1f} | "
+                  f"{diff:.1e} |", flush=True)
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"bench_decode.py: error: {e}")

@@ -1,0 +1,163 @@
+"""
+Training throughput of GPT and RWKV of the same size, batch and context (nanoGPT's bench.py role): ms/iter, tokens/s
+and MFU for one forward + backward + AdamW step, eager and with torch.compile, and, when `transformers` is installed,
+its RwkvForCausalLM and GPT2LMHeadModel of the same configuration in the same run, printed as ratios.
+
+$ python benchmarks/bench_train.py                                       # CPU: L4 C256, char vocabulary, 4 x 1024
+$ python benchmarks/bench_train.py --device=cuda --n_layer=12 --n_embd=768 --n_head=12 --vocab_size=50304 \
+      --batch_size=12                                                   # GPU: the ~125M models of the configs
+
+MFU counts the matmul FLOPs of the model (model_gpt.py / model_rwkv.py flops_per_token; transformers' twins get the
+same count) against the device's peak: NVIDIA's datasheet dense peak for A100/H100/H200, otherwise (CPUs) a
+matmul measured at the start of this run (train.py measure_peak_flops). Times are medians after warm-up iterations.
+"""
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train import ConfigError, measure_peak_flops, parse_config, resolve_device, resolve_dtype  # noqa: E402
+
+DEFAULTS = dict(
+    device='auto',  # 'auto' (cuda if available), 'cpu', 'cuda', ...
+    dtype='auto',  # as train.py: 'auto' = bf16 autocast on GPUs that have it, fp32 on CPU
+    n_layer=4,
+    n_embd=256,
+    n_head=4,  # gpt
+    vocab_size=65,  # tiny shakespeare's characters; 50304 for GPT-2's padded BPE vocabulary
+    block_size=1024,
+    batch_size=4,
+    compile=[False, True],  # run each of our models eager and/or torch.compile'd
+    transformers=True,  # add transformers' RwkvForCausalLM and GPT2LMHeadModel (eager) when installed
+    wkv_backend='auto',  # rwkv: 'auto' | 'cuda' | 'cpu' | 'torch'
+    warmup=2,  # untimed iterations first (the compile happens in the first)
+    iters=5,  # timed iterations; the median is reported
+    peak_flops=0.0,  # FLOP/s for MFU; 0 = datasheet for known GPUs, else measured
+    seed=1337,
+)
+
+
+class HFWrapper(torch.nn.Module):
+    """transformers' model behind our (idx, targets) -> (logits, loss) call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets):
+        out = self.model(input_ids=idx, labels=targets)  # shifts the labels itself: the same work per token
+        return out.logits, out.loss
+
+
+def models(c):
+    """(name, constructor, our twin for the FLOP count) of every model in the run."""
+    from model_gpt import GPT, GPTConfig
+    from model_rwkv import RWKV, RWKVConfig
+    L, C, V, T = c['n_layer'], c['n_embd'], c['vocab_size'], c['block_size']
+    if C % c['n_head']:
+        raise ConfigError(f"n_embd={C} must be divisible by n_head={c['n_head']}")
+    # bias=True: the GPT-2 architecture exactly, as transformers' GPT2LMHeadModel
+    gpt = lambda: GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=c['n_head'], n_embd=C, bias=True))  # noqa: E731
+    rwkv = lambda: RWKV(RWKVConfig(block_size=T, vocab_size=V, n_layer=L, n_embd=C, wkv_backend=c['wkv_backend']))  # noqa: E731
+    out = []
+    for compiled in c['compile']:
+        out += [(f"gpt{' compiled' if compiled else ''}", gpt, compiled, gpt),
+                (f"rwkv{' compiled' if compiled else ''}", rwkv, compiled, rwkv)]
+    if c['transformers']:
+        try:
+            import transformers
+        except ImportError:
+            print("(transformers is not installed: its models are left out)")
+            return out
+        hf_gpt = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=C, n_layer=L, n_head=c['n_head'],
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                         bos_token_id=0, eos_token_id=0)
+        out.append(('transformers GPT2LMHeadModel', lambda: HFWrapper(transformers.GPT2LMHeadModel(hf_gpt)), False,
+                    gpt))
+        if L >= 2:  # its RWKV init divides by num_hidden_layers - 1
+            hf_rwkv = transformers.RwkvConfig(vocab_size=V, context_length=T, hidden_size=C, num_hidden_layers=L,
+                                              attention_hidden_size=C, intermediate_size=4 * C,
+                                              bos_token_id=0, eos_token_id=0)
+            out.append(('transformers RwkvForCausalLM', lambda: HFWrapper(transformers.RwkvForCausalLM(hf_rwkv)),
+                        False, rwkv))
+        else:
+            print("(transformers' RWKV is left out: it cannot build a 1-layer model)")
+    return out
+
+
+def main(argv):
+    c = parse_config(DEFAULTS, argv)
+    device = resolve_device(c['device'])
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    dtype = resolve_dtype(c['dtype'], device_type)
+    if c['iters'] < 1 or c['warmup'] < 1:
+        raise ConfigError("iters and warmup must be at least 1")
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    machine = torch.cuda.get_device_name(device) if device_type == 'cuda' else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    peak = c['peak_flops'] or measure_peak_flops(device, dtype)
+    B, T = c['batch_size'], c['block_size']
+    print(f"# bench_train.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, {machine}, "
+          f"{time.strftime('%Y-%m-%d')}\nL{c['n_layer']} C{c['n_embd']} V{c['vocab_size']}, batch {B} x {T} tokens, "
+          f"{dtype}, AdamW; forward + backward + step, median of {c['iters']} after {c['warmup']} warm-up; "
+          f"peak {peak / 1e12:.3g} TFLOP/s\n")
+    print("| model | ms/iter | tokens/s | MFU | vs gpt |")
+    print("|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(c['seed'])
+    idx = torch.randint(0, c['vocab_size'], (B, T + 1), generator=g).to(device)
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    results = {}
+    for name, make, compiled, twin in models(c):
+        torch.manual_seed(c['seed'])
+        model = make().to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        run = torch.compile(model) if compiled else model
+
+        def step():
+            with ctx:
+                _, loss = run(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for _ in range(c['warmup']):
+            step()
+        times = []
+        for _ in range(c['iters']):
+            if device_type == 'cuda':
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device_type == 'cuda':
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        dt = statistics.median(times)
+        mfu = twin().flops_per_token() * B * T / dt / peak
+        results[name] = B * T / dt
+        vs = f"{results[name] / results['gpt']:.2f}x" if 'gpt' in results else '-'
+        print(f"| {name} | {dt * 1e3:.1f} | {B * T / dt:,.0f} | {mfu * 100:.1f}% | {vs} |", flush=True)
+        del model, run, opt
+
+    print()
+    pairs = [('rwkv', 'transformers RwkvForCausalLM'), ('gpt', 'transformers GPT2LMHeadModel'),
+             ('rwkv compiled', 'rwkv'), ('gpt compiled', 'gpt'), ('rwkv', 'gpt'), ('rwkv compiled', 'gpt compiled')]
+    for a, b in pairs:
+        if a in results and b in results:
+            print(f"{a} / {b}: {results[a] / results[b]:.2f}x tokens/s")
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"bench_train.py: error: {e}")
