@@ -135,7 +135,8 @@ def print_table(at, summary):
               f"{s['cache_mb_last']:.3f} | {s['total_s']:.1f} |")
 
 
-def plot(rows, path, title):
+def figure(rows, title):
+    """The three panels of the original README's plot: single-token latency, cumulative latency, memory."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -159,9 +160,7 @@ def plot(rows, path, title):
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv):
@@ -200,7 +199,8 @@ def main(argv):
                 date=time.strftime('%Y-%m-%d'), summary=summary)
     out.with_suffix('.json').write_text(json.dumps(dict(meta, rows=rows), indent=1))
     png = Path(c['plot'].format(device=device_type))
-    plot(rows, png, title)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    figure(rows, title).savefig(png, dpi=110)
     print(f"wrote {out.with_suffix('.csv')}, {out.with_suffix('.json')} and {png}")
 
 

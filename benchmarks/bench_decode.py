@@ -97,12 +97,11 @@ def main(argv):
     if c['n_tokens'] < 1 or c['repeats'] < 1 or c['warmup'] < 0 or c['batch_size'] < 1:
         raise ConfigError("n_tokens, repeats and batch_size must be positive, warmup >= 0")
     try:
-        import rwkv  # noqa: F401
+        import rwkv
     except ImportError:
         raise ConfigError("the rwkv package is not installed: pip install rwkv")
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    import rwkv
     print(f"# bench_decode.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, rwkv "
           f"{getattr(rwkv, '__version__', '?')}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}\nfp32 on the CPU, greedy-free decode of "

@@ -146,7 +146,6 @@ def main(argv):
         results[name] = B * T / dt
         vs = f"{results[name] / results['gpt']:.2f}x" if 'gpt' in results else '-'
         print(f"| {name} | {dt * 1e3:.1f} | {B * T / dt:,.0f} | {mfu * 100:.1f}% | {vs} |", flush=True)
-        del model, run, opt
 
     print()
     pairs = [('rwkv', 'transformers RwkvForCausalLM'), ('gpt', 'transformers GPT2LMHeadModel'),

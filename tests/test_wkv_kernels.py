@@ -229,11 +229,8 @@ def test_cpu_kernel_under_ddp(tmp_path):
 def test_benchmark_script_runs(tmp_path):
     # end to end on a tiny setting; no timing is asserted
     r = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'bench_wkv.py'), '--shapes=[(2, 9, 5)]',
-                        '--models=[(2, 32, 17)]', '--model_block_size=16', '--model_batch_size=2', '--model_iters=1',
                         '--repeats=1'], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [line for line in r.stdout.splitlines() if line.startswith('| ') and not line.startswith('| backend')
-            and not line.startswith('| model')]
-    assert [row.split(' | ')[0] for row in rows[:2]] == ['| torch', '| cpu']
-    assert any(row.startswith('| rwkv | 2 | 32 | 17 | cpu |') for row in rows)
-    assert any(row.startswith('| gpt | 2 | 32 | 17 |') for row in rows)
+    rows = [line for line in r.stdout.splitlines() if line.startswith('| ') and not line.startswith('| backend')]
+    assert [row.split(' | ')[:5] for row in rows] == [['| torch', 'float32', '2', '9', '5'],
+                                                      ['| cpu', 'float32', '2', '9', '5']]

@@ -1,0 +1,87 @@
+"""The benchmark scripts end to end on tiny settings: their outputs exist, parse and hold what they should. No timing
+is asserted (speed is reported by the scripts, not tested)."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+L, C, V = 2, 32, 17
+
+
+def script(name, *args, cwd):
+    r = subprocess.run([sys.executable, str(REPO / name), *args], capture_output=True, text=True, timeout=900, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def table(stdout, first_cell):
+    """The rows of the markdown table whose header starts with first_cell, as lists of cells."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f'| {first_cell} |'))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith('|'):
+            break
+        rows.append([cell.strip() for cell in line.strip('|').split('|')])
+    return rows
+
+
+def test_inference_time_benchmark(tmp_path):
+    n = 40
+    out = script('benchmark_inference_time.py', f'--n_layer={L}', f'--n_embd={C}', '--n_head=2', f'--vocab_size={V}',
+                 f'--n_tokens={n}', '--report_at=[8, 40]', '--window=4', f'--out={tmp_path}/it',
+                 f'--plot={tmp_path}/it.png', '--device=cpu', cwd=tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / 'it.csv')))
+    assert [(r['model'], int(r['tokens'])) for r in rows] == [(m, i) for m in ('rwkv', 'gpt') for i in range(1, n + 1)]
+    for r in rows:  # memory from the shapes alone (fp32): RWKV (L, 5, 1, C), GPT K and V of (1, C) per layer and token
+        want = L * 5 * C * 4 if r['model'] == 'rwkv' else 2 * L * int(r['tokens']) * C * 4
+        assert float(r['cache_mb']) * 2 ** 20 == pytest.approx(want)
+        assert float(r['ms_per_token']) > 0 and float(r['rss_mb']) > 0
+    meta = json.loads((tmp_path / 'it.json').read_text())
+    assert set(meta['summary']) == {'rwkv', 'gpt'} and len(meta['rows']) == 2 * n
+    assert set(meta['summary']['gpt']['ms_per_token']) == {'8', '40'}
+    assert table(out, 'model')[0][0] == 'rwkv'
+    # the PNG is an image, and the figure behind it has the three panels
+    from matplotlib.image import imread
+    assert imread(tmp_path / 'it.png').ndim == 3
+    sys.path.insert(0, str(REPO))
+    from benchmark_inference_time import figure
+    fig = figure(meta['rows'], 'test')
+    assert [ax.get_title() for ax in fig.axes] == ['single-token latency', 'cumulative latency', 'memory']
+
+
+def test_train_benchmark(tmp_path):
+    out = script('benchmarks/bench_train.py', f'--n_layer={L}', f'--n_embd={C}', '--n_head=2', f'--vocab_size={V}',
+                 '--block_size=16', '--batch_size=2', '--iters=1', '--warmup=1', '--device=cpu', cwd=tmp_path)
+    rows = table(out, 'model')
+    names = [r[0] for r in rows]
+    assert names == ['gpt', 'rwkv', 'gpt compiled', 'rwkv compiled', 'transformers GPT2LMHeadModel',
+                     'transformers RwkvForCausalLM']  # transformers is in requirements.txt
+    assert 'rwkv / transformers RwkvForCausalLM: ' in out and 'rwkv compiled / rwkv: ' in out
+    for r in rows:
+        assert float(r[1]) > 0 and r[3].endswith('%') and float(r[3][:-1]) > 0
+
+
+def test_decode_benchmark(tmp_path):
+    pytest.importorskip('rwkv')
+    out = script('benchmarks/bench_decode.py', f'--sizes=[({L}, {C}, {V})]', '--n_tokens=4', '--warmup=1',
+                 '--repeats=1', '--batch_size=2', cwd=tmp_path)
+    (row,) = table(out, 'n_layer')
+    assert row[:3] == [str(L), str(C), str(V)]
+    assert float(row[-1]) <= 1e-4  # both ran the same weights
+    assert float(row[3].replace(',', '')) > 0 and float(row[4].replace(',', '')) > 0
+
+
+@pytest.mark.parametrize('name', ['benchmark_inference_time.py', 'benchmarks/bench_train.py',
+                                  'benchmarks/bench_decode.py', 'benchmarks/bench_wkv.py', 'train.py', 'sample.py'])
+def test_help_documents_every_option(name, tmp_path):
+    out = script(name, '--help', cwd=tmp_path)
+    sys.path.insert(0, str(REPO / Path(name).parent))
+    import importlib
+    module = importlib.import_module(Path(name).stem)
+    for key in module.DEFAULTS:
+        assert any(line.strip().startswith((f'{key}=', f'{key} =')) for line in out.splitlines()), key
