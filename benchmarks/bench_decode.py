@@ -1,8 +1,9 @@
 """
 RNN-mode decoding speed: our RWKV.step vs the `rwkv` pip package (strategy 'cpu fp32', its default TorchScript
 path) on the same exported RWKV-4 .pth, in one run. Both decode one sequence, one token at a time; the logits of the
-two are compared on the way, so both provably run the same weights. Our batched decode is shown next to it (the
-package decodes one sequence per call).
+two are compared on the way, so both provably run the same weights. Ours runs eager and with torch.compile(model.step)
+(which fuses the elementwise work of a step: small models are dispatch-bound on a CPU); our batched decode is shown
+next to it (the package decodes one sequence per call).
 
 $ python benchmarks/bench_decode.py
 $ python benchmarks/bench_decode.py --sizes="[(12, 768, 50277)]" --n_tokens=200
@@ -30,6 +31,7 @@ DEFAULTS = dict(
     warmup=8,
     repeats=3,
     batch_size=8,  # our batched decode, the extra column
+    compile=True,  # also time torch.compile(model.step)
     seed=1337,
 )
 
@@ -89,31 +91,38 @@ def bench(L, C, V, c, tmp):
     ours_1 = decode_rate(run_ours(1), n, w, r)
     pip_1 = decode_rate(run_pip, n, w, r)
     ours_b = decode_rate(run_ours(c['batch_size']), n, w, r, c['batch_size'])
-    return ours_1, pip_1, ours_b, diff
+    compiled = None
+    if c['compile']:
+        step = ours.step
+        ours.step = torch.compile(step)  # the first calls (warm-up) compile it
+        compiled = decode_rate(run_ours(1), n, max(w, 2), r)
+        ours.step = step
+    return ours_1, pip_1, ours_b, compiled, diff
 
 
 def main(argv):
     c = parse_config(DEFAULTS, argv)
     if c['n_tokens'] < 1 or c['repeats'] < 1 or c['warmup'] < 0 or c['batch_size'] < 1:
         raise ConfigError("n_tokens, repeats and batch_size must be positive, warmup >= 0")
-    try:
-        import rwkv
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec('rwkv') is None:
         raise ConfigError("the rwkv package is not installed: pip install rwkv")
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    print(f"# bench_decode.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, rwkv "
-          f"{getattr(rwkv, '__version__', '?')}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}\nfp32 on the CPU, greedy-free decode of "
-          f"{c['n_tokens']} tokens, median of {c['repeats']}\n")
+    from importlib.metadata import version
+    print(f"# bench_decode.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, rwkv {version('rwkv')}, "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"{time.strftime('%Y-%m-%d')}\nfp32 on the CPU, batch 1 unless stated, {c['n_tokens']} fixed random tokens "
+          f"per run, median of {c['repeats']} runs\n")
     B = c['batch_size']
-    print(f"| n_layer | n_embd | vocab | ours tok/s | rwkv pip tok/s | ours / pip | ours batch {B} tok/s | "
-          f"max logit diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| n_layer | n_embd | vocab | rwkv pip tok/s | ours tok/s | ours / pip | ours compiled tok/s | "
+          f"compiled / pip | ours batch {B} tok/s | max logit diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for L, C, V in c['sizes']:
-            ours_1, pip_1, ours_b, diff = bench(L, C, V, c, tmp)
-            print(f"| {L} | {C} | {V} | {ours_1:,.1f} | {pip_1:,.1f} | {ours_1 / pip_1:.2f}x | {ours_b:,.1f} | "
+            ours_1, pip_1, ours_b, compiled, diff = bench(L, C, V, c, tmp)
+            comp = f"{compiled:,.1f} | {compiled / pip_1:.2f}x" if compiled else "- | -"
+            print(f"| {L} | {C} | {V} | {pip_1:,.1f} | {ours_1:,.1f} | {ours_1 / pip_1:.2f}x | {comp} | {ours_b:,.1f} | "
                   f"{diff:.1e} |", flush=True)
 
 
