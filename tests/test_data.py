@@ -1,5 +1,6 @@
 """Dataset preparation on local files (no network): data/openwebtext/prepare.py with a local source."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,68 @@ def test_openwebtext_prepare_bad_inputs(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / 'data/openwebtext/prepare.py'), '--tokenizer=bpe2000'],
                        capture_output=True, text=True, timeout=300)
     one_line_error(r, 'prepare.py', "tokenizer must be 'gpt2', 'neox'")
+
+
+def test_tinystories_prepare_uses_both_hub_splits(tmp_path, monkeypatch):
+    # the hub is replaced by local streams (no network); what is checked is that each split goes to its own file
+    pytest.importorskip('datasets')
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('tinystories_prepare', REPO / 'data/tinystories/prepare.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    owt = module.owt
+    words = ['once', 'upon', 'a', 'time']
+    vocab = word_tokenizer(tmp_path / 'tok.json', words)
+    stories = {'train': ['once upon a time', 'a time'], 'validation': ['upon upon']}
+    seen = []
+
+    def fake_documents(source, hub_name, split='train'):
+        seen.append((hub_name, split))
+        return [{'text': t} for t in stories[split]]
+    monkeypatch.setattr(owt, 'documents', fake_documents)
+    owt.main([f'--tokenizer={tmp_path / "tok.json"}', f'--out_dir={tmp_path / "ts"}', '--num_proc=1'],
+             hub_name='roneneldan/TinyStories', name='tinystories', hub_splits={'train': 'train', 'val': 'validation'})
+    assert seen == [('roneneldan/TinyStories', 'train'), ('roneneldan/TinyStories', 'validation')]
+    for split, hub in (('train', 'train'), ('val', 'validation')):
+        expect = [i for t in stories[hub] for i in [vocab[w] for w in t.split()] + [0]]
+        assert np.fromfile(tmp_path / 'ts' / f'{split}.bin', dtype=np.uint16).tolist() == expect
+
+
+def test_tinystories_offline_names_an_offline_dataset():
+    r = subprocess.run([sys.executable, str(REPO / 'data/tinystories/prepare.py'), '--tokenizer=neox-ish'],
+                       capture_output=True, text=True, timeout=300)
+    one_line_error(r, 'prepare.py', "tokenizer must be")
+    r = subprocess.run([sys.executable, str(REPO / 'data/tinystories/prepare.py'), '--source=/nonexistent.jsonl'],
+                       capture_output=True, text=True, timeout=300)
+    one_line_error(r, 'prepare.py', "source /nonexistent.jsonl must be an existing")
+
+
+def test_shakespeare_bpe_prepare(tmp_path):
+    words = ['to', 'be', 'or', 'not']
+    vocab = word_tokenizer(tmp_path / 'tok.json', words)
+    text = ' '.join(np.random.default_rng(0).choice(words, size=200))
+    (tmp_path / 'in.txt').write_text(text)
+    r = subprocess.run([sys.executable, str(REPO / 'data/shakespeare/prepare.py'), f'--input={tmp_path / "in.txt"}',
+                        f'--tokenizer={tmp_path / "tok.json"}', f'--out_dir={tmp_path / "s"}'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n = int(len(text) * 0.9)  # the first 90% of the characters, then the rest, each encoded on its own
+    for split, part in (('train', text[:n]), ('val', text[n:])):
+        assert np.fromfile(tmp_path / 's' / f'{split}.bin', dtype=np.uint16).tolist() == \
+            [vocab.get(w, vocab['[UNK]']) for w in part.split()]  # a word cut in two is unknown on both sides
+    meta = json.loads((tmp_path / 's' / 'meta.json').read_text())
+    assert meta['vocab_size'] == 6
+    assert (meta['train_tokens'], meta['val_tokens']) == (len(text[:n].split()), len(text[n:].split()))
+
+
+def test_shakespeare_bpe_token_counts_match_nanogpt(tmp_path):
+    # nanoGPT's README: "train.bin has 301,966 tokens, val.bin has 36,059 tokens". Needs the tiny shakespeare text
+    # and the GPT-2 ranks already on this machine (the suite does not download).
+    from tokenizer import CACHE
+    if not (REPO / 'data/shakespeare_char/input.txt').is_file() or not (CACHE / 'gpt2.tiktoken').is_file():
+        pytest.skip('tiny shakespeare or the GPT-2 ranks are not on this machine')
+    r = subprocess.run([sys.executable, str(REPO / 'data/shakespeare/prepare.py'), f'--out_dir={tmp_path}'],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((tmp_path / 'meta.json').read_text())
+    assert (meta['train_tokens'], meta['val_tokens']) == (301_966, 36_059)

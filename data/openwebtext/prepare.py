@@ -35,8 +35,8 @@ DEFAULTS = dict(
 HUB_NAME = 'Skylion007/openwebtext'
 
 
-def documents(source):
-    """An iterable of {'text': ...} records, streamed."""
+def documents(source, hub_name=HUB_NAME, split='train'):
+    """An iterable of {'text': ...} records, streamed: a local file, or a split of a hub dataset."""
     from datasets import load_dataset
     if source:
         kinds = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet', '.txt': 'text'}
@@ -46,14 +46,14 @@ def documents(source):
         return load_dataset(kind, data_files=source, split='train', streaming=True)
     try:
         try:
-            return load_dataset(HUB_NAME, split='train', streaming=True)
+            return load_dataset(hub_name, split=split, streaming=True)
         except RuntimeError as e:
             # datasets >= 4 refuses loading scripts; the hub's own parquet conversion holds the same rows
             if 'scripts are no longer supported' not in str(e):
                 raise
-            return load_dataset(HUB_NAME, split='train', streaming=True, revision='refs/convert/parquet')
+            return load_dataset(hub_name, split=split, streaming=True, revision='refs/convert/parquet')
     except (OSError, ConnectionError, ValueError) as e:
-        raise ConfigError(f"cannot stream {HUB_NAME} from the Hugging Face hub ({type(e).__name__}); offline, "
+        raise ConfigError(f"cannot stream {hub_name} from the Hugging Face hub ({type(e).__name__}); offline, "
                           f"python data/shakespeare_char/prepare.py works, or pass --source=a local file") from e
 
 
@@ -73,31 +73,39 @@ def _init_worker(spec):
     _encode, _, _eot = get_codec(spec)
 
 
-def _tokenize(text):
-    return np.array(_encode(text) + [_eot], dtype=np.uint32)
+def _tokenize(item):
+    split, text = item
+    return split, np.array(_encode(text) + [_eot], dtype=np.uint32)
 
 
-def main(argv):
+def main(argv, hub_name=HUB_NAME, name='openwebtext', hub_splits=None):
+    """hub_splits: None = one stream, every val_every-th document to val (OpenWebText has no val split); or
+    {'train': hub split, 'val': hub split} for datasets that have both (--source still means one local file)."""
     c = parse_config(DEFAULTS, argv)
     spec = codec_spec(c['tokenizer'])
     _, _, eot = get_codec(spec)  # fetches and caches the tokenizer once, before the workers start
     if eot is None:
         raise ConfigError(f"tokenizer {c['tokenizer']} has no <|endoftext|> token to separate documents")
     suffix = '' if c['tokenizer'] == 'gpt2' else '_' + (c['tokenizer'] if c['tokenizer'] == 'neox' else 'custom')
-    out_dir = Path(c['out_dir']) if c['out_dir'] else HERE.parent / f'openwebtext{suffix}'
-    docs = documents(c['source'])
+    out_dir = Path(c['out_dir']) if c['out_dir'] else HERE.parent / f'{name}{suffix}'
+    if hub_splits and not c['source']:
+        streams = {split: documents('', hub_name, hub) for split, hub in hub_splits.items()}
+        if c['max_docs']:
+            streams = {split: docs.take(c['max_docs']) for split, docs in streams.items()}
+        items = ((split, d['text']) for split, docs in streams.items() for d in docs)
+    else:
+        docs = documents(c['source'], hub_name)
+        if c['max_docs']:
+            docs = docs.take(c['max_docs'])
+        items = (('val' if i % c['val_every'] == 0 else 'train', d['text']) for i, d in enumerate(docs))
     out_dir.mkdir(parents=True, exist_ok=True)
-    if c['max_docs']:
-        docs = docs.take(c['max_docs'])
     counts = {'train': 0, 'val': 0}
     vocab_max = 0
     parts = {split: out_dir / f'{split}.bin.partial' for split in counts}
     with open(parts['train'], 'wb') as ftrain, open(parts['val'], 'wb') as fval, \
             mp.Pool(c['num_proc'], initializer=_init_worker, initargs=(spec,)) as pool:
-        texts = (d['text'] for d in docs)
-        for i, ids in enumerate(tqdm(pool.imap(_tokenize, texts, chunksize=64), desc='tokenizing', unit='doc')):
+        for split, ids in tqdm(pool.imap(_tokenize, items, chunksize=64), desc='tokenizing', unit='doc'):
             vocab_max = max(vocab_max, int(ids.max()))
-            split = 'val' if i % c['val_every'] == 0 else 'train'
             ids.astype(np.uint16).tofile(fval if split == 'val' else ftrain)
             counts[split] += len(ids)
     if vocab_max >= 2 ** 16:
@@ -110,7 +118,7 @@ def main(argv):
     else:
         vocab_size = {'gpt2': 50257, 'neox': 50277}[spec['tokenizer']]
     meta = {**spec, 'vocab_size': vocab_size, 'train_tokens': counts['train'], 'val_tokens': counts['val'],
-            'source': c['source'] or HUB_NAME}
+            'source': c['source'] or hub_name}
     (out_dir / 'meta.json').write_text(json.dumps(meta, indent=1))
     print(f"{out_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens ({c['tokenizer']})")
 
