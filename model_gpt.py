@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 
@@ -203,6 +204,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        self.activation_checkpointing = False  # train.py's flag: recompute each block in backward
         self.apply(self._init_weights)
         # GPT-2 paper: scale the residual projections by 1/sqrt(N), N = number of residual additions (2 per block)
         for pn, p in self.named_parameters():
@@ -233,7 +235,12 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         new_cache = []
         for i, block in enumerate(self.transformer.h):
-            x, kv = block(x, None if cache is None else cache[i])
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only the block's input; its activations are recomputed in backward (dropout too: the RNG
+                # state is replayed)
+                x, kv = torch.utils.checkpoint.checkpoint(block, x, None, use_reentrant=False)
+            else:
+                x, kv = block(x, None if cache is None else cache[i])
             new_cache.append(kv)
         return self.transformer.ln_f(x), new_cache
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from model_gpt import generate_tokens, hub_or_local, load_hf_directory, load_state_checked
@@ -33,7 +34,7 @@ class L2Wrap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss, logits):
         ctx.save_for_backward(logits)
-        return loss
+        return loss.clone()  # a new tensor, not the input itself (which autograd would treat as a view)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -138,6 +139,8 @@ class Block(nn.Module):
     def forward(self, x, state):
         # x (B, T, C) or (B, C) in RNN mode; state (5, B, C) = x_att, aa, bb, pp, x_ffn
         run_att, run_ffn = (self.att.step, self.ffn.step) if x.dim() == 2 else (self.att, self.ffn)
+        if hasattr(self, 'ln0'):  # block 0 normalises the embedding (RWKV-v4neo Block.forward)
+            x = self.ln0(x)
         dx, att_state = run_att(self.ln1(x), state[:4])
         x = x + dx
         dx, x_ffn = run_ffn(self.ln2(x), state[4])
@@ -196,6 +199,7 @@ class RWKV(nn.Module):
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_out = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.activation_checkpointing = False  # train.py's flag: recompute each block in backward
         self._init_weights()
 
     @torch.no_grad()
@@ -233,11 +237,14 @@ class RWKV(nn.Module):
         # x: embeddings, (B, T, C) or (B, C); runs the blocks and ln_out, returns the hidden states and the new state
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
-        x = self.blocks[0].ln0(x)
         new_state = []
         r = self.config.rescale_every
         for i, block in enumerate(self.blocks):
-            x, s = block(x, state[i])
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only the block's input; its activations are recomputed in backward
+                x, s = torch.utils.checkpoint.checkpoint(block, x, state[i], use_reentrant=False)
+            else:
+                x, s = block(x, state[i])
             new_state.append(s)
             if r > 0 and (i + 1) % r == 0:
                 x = x / 2  # RWKV-v4neo/src/model_run.py RESCALE_LAYER: keeps fp16 activations in range
