@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from train import ConfigError, load_checkpoint, model_from_checkpoint, parse_config
+from train import ConfigError, load_latest_checkpoint, model_from_checkpoint, parse_config
 
 DEFAULTS = dict(
     out_dir='out',  # the directory with ckpt.pt
@@ -26,7 +26,7 @@ def main(argv):
         raise ConfigError(f"format must be 'hf' or 'pth', got '{c['format']}'")
     if not c['dest']:
         raise ConfigError("say where to write with --dest=PATH")
-    ckpt = load_checkpoint(Path(c['out_dir']) / 'ckpt.pt', 'cpu')
+    ckpt = load_latest_checkpoint(c['out_dir'], 'cpu')[0]
     model = model_from_checkpoint(ckpt)
     dest = Path(c['dest'])
     if c['format'] == 'pth':

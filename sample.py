@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from tokenizer import get_codec
-from train import (ConfigError, load_checkpoint, load_pretrained, model_from_checkpoint, parse_config, resolve_device,
-                   resolve_dtype)
+from train import (ConfigError, load_latest_checkpoint, load_pretrained, model_from_checkpoint, parse_config,
+                   resolve_device, resolve_dtype)
 
 DEFAULTS = dict(
     init_from='resume',  # 'resume' (out_dir/ckpt.pt), gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face directory, a .pth
@@ -59,7 +59,7 @@ def main(argv):
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
     if c['init_from'] == 'resume':
-        ckpt = load_checkpoint(Path(c['out_dir']) / 'ckpt.pt', device)
+        ckpt = load_latest_checkpoint(c['out_dir'], device)[0]
         model, model_type = model_from_checkpoint(ckpt), ckpt['model_type']
         spec = ckpt.get('tokenizer', {'tokenizer': 'gpt2'})
     else:

@@ -338,7 +338,7 @@ def load_latest_checkpoint(out_dir, device):
             return load_checkpoint(path, device), path
         except ConfigError as e:
             errors.append(str(e))
-            print(f"skipping {path}: {e}")
+            print(f"skipping {path}: {e}", file=sys.stderr)
     if errors:
         raise ConfigError(f"no intact checkpoint in {out_dir}: {errors[0]}")
     return load_checkpoint(Path(out_dir) / 'ckpt.pt', device), None  # raises the usual "no checkpoint" error
@@ -438,7 +438,7 @@ def main(argv):
             raise ConfigError(f"train.bin not found in {ddir} and there is no prepare.py there; "
                               f"create train.bin/val.bin or pick another --dataset")
         if master:
-            print(f"train.bin not found in {ddir}: running {prepare.relative_to(REPO) if prepare.is_relative_to(REPO) else prepare}")
+            print(f"train.bin not found in {ddir}: running {prepare}")
             subprocess.run([sys.executable, str(prepare)], check=True)
     if ddp:
         # NCCL between GPUs, gloo between CPU processes

@@ -122,8 +122,8 @@ def main(argv):
         for L, C, V in c['sizes']:
             ours_1, pip_1, ours_b, compiled, diff = bench(L, C, V, c, tmp)
             comp = f"{compiled:,.1f} | {compiled / pip_1:.2f}x" if compiled else "- | -"
-            print(f"| {L} | {C} | {V} | {pip_1:,.1f} | {ours_1:,.1f} | {ours_1 / pip_1:.2f}x | {comp} | {ours_b:,.1f} | "
-                  f"{diff:.1e} |", flush=True)
+            print(f"| {L} | {C} | {V} | {pip_1:,.1f} | {ours_1:,.1f} | {ours_1 / pip_1:.2f}x | {comp} | "
+                  f"{ours_b:,.1f} | {diff:.1e} |", flush=True)
 
 
 if __name__ == '__main__':

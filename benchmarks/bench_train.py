@@ -63,8 +63,11 @@ def models(c):
     if C % c['n_head']:
         raise ConfigError(f"n_embd={C} must be divisible by n_head={c['n_head']}")
     # bias=True: the GPT-2 architecture exactly, as transformers' GPT2LMHeadModel
-    gpt = lambda: GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=c['n_head'], n_embd=C, bias=True))  # noqa: E731
-    rwkv = lambda: RWKV(RWKVConfig(block_size=T, vocab_size=V, n_layer=L, n_embd=C, wkv_backend=c['wkv_backend']))  # noqa: E731
+    def gpt():
+        return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=c['n_head'], n_embd=C, bias=True))
+
+    def rwkv():
+        return RWKV(RWKVConfig(block_size=T, vocab_size=V, n_layer=L, n_embd=C, wkv_backend=c['wkv_backend']))
     out = []
     for compiled in c['compile']:
         out += [(f"gpt{' compiled' if compiled else ''}", gpt, compiled, gpt),
