@@ -80,13 +80,17 @@ def test_tinystories_prepare_uses_both_hub_splits(tmp_path, monkeypatch):
         assert np.fromfile(tmp_path / 'ts' / f'{split}.bin', dtype=np.uint16).tolist() == expect
 
 
-def test_tinystories_offline_names_an_offline_dataset():
+def test_tinystories_offline_names_an_offline_dataset(tmp_path):
+    word_tokenizer(tmp_path / 'tok.json', ['once'])  # a local tokenizer: nothing to fetch
+    r = subprocess.run([sys.executable, str(REPO / 'data/tinystories/prepare.py'), f'--tokenizer={tmp_path / "tok.json"}',
+                        f'--out_dir={tmp_path / "ts"}'], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'})
+    one_line_error(r, 'prepare.py', 'cannot stream roneneldan/TinyStories from the Hugging Face hub')
+    assert 'python data/shakespeare_char/prepare.py works' in r.stderr
+    assert not (tmp_path / 'ts' / 'train.bin').exists()
     r = subprocess.run([sys.executable, str(REPO / 'data/tinystories/prepare.py'), '--tokenizer=neox-ish'],
                        capture_output=True, text=True, timeout=300)
     one_line_error(r, 'prepare.py', "tokenizer must be")
-    r = subprocess.run([sys.executable, str(REPO / 'data/tinystories/prepare.py'), '--source=/nonexistent.jsonl'],
-                       capture_output=True, text=True, timeout=300)
-    one_line_error(r, 'prepare.py', "source /nonexistent.jsonl must be an existing")
 
 
 def test_shakespeare_bpe_prepare(tmp_path):
