@@ -69,6 +69,26 @@ def gpt2_encoding():
                                  special_tokens={'<|endoftext|>': 50256})
 
 
+BPE_VOCAB_SIZES = {'gpt2': 50257, 'neox': 50277}
+
+
+def spec_for(name):
+    """The spec of a dataset script's --tokenizer: 'gpt2', 'neox' or a tokenizer.json path."""
+    if name in BPE_VOCAB_SIZES:
+        return {'tokenizer': name}
+    if Path(name).is_file():
+        return {'tokenizer': 'file', 'path': name}
+    raise ValueError(f"tokenizer must be 'gpt2', 'neox' or a tokenizer.json file, got '{name}'")
+
+
+def vocab_size(spec):
+    """The vocabulary size of a BPE spec (what meta.json records)."""
+    if spec['tokenizer'] == 'file':
+        from tokenizers import Tokenizer
+        return Tokenizer.from_file(spec['path']).get_vocab_size()
+    return BPE_VOCAB_SIZES[spec['tokenizer']]
+
+
 def get_codec(spec):
     """(encode, decode, end-of-text id or None) for a tokenizer spec as checkpoints record it."""
     kind = spec.get('tokenizer')

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
-from tokenizer import get_codec  # noqa: E402  (the repo's root modules)
+from tokenizer import get_codec, spec_for, vocab_size  # noqa: E402  (the repo's root modules)
 from train import ConfigError, parse_config  # noqa: E402
 
 DEFAULTS = dict(
@@ -57,14 +57,6 @@ def documents(source, hub_name=HUB_NAME, split='train'):
                           f"python data/shakespeare_char/prepare.py works, or pass --source=a local file") from e
 
 
-def codec_spec(name):
-    if name in ('gpt2', 'neox'):
-        return {'tokenizer': name}
-    if Path(name).is_file():
-        return {'tokenizer': 'file', 'path': name}
-    raise ConfigError(f"tokenizer must be 'gpt2', 'neox' or a tokenizer.json file, got '{name}'")
-
-
 _encode, _eot = None, None
 
 
@@ -82,7 +74,10 @@ def main(argv, hub_name=HUB_NAME, name='openwebtext', hub_splits=None):
     """hub_splits: None = one stream, every val_every-th document to val (OpenWebText has no val split); or
     {'train': hub split, 'val': hub split} for datasets that have both (--source still means one local file)."""
     c = parse_config(DEFAULTS, argv)
-    spec = codec_spec(c['tokenizer'])
+    try:
+        spec = spec_for(c['tokenizer'])
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     _, _, eot = get_codec(spec)  # fetches and caches the tokenizer once, before the workers start
     if eot is None:
         raise ConfigError(f"tokenizer {c['tokenizer']} has no <|endoftext|> token to separate documents")
@@ -112,12 +107,7 @@ def main(argv, hub_name=HUB_NAME, name='openwebtext', hub_splits=None):
         raise ConfigError(f"token id {vocab_max} does not fit uint16: this tokenizer is too large for .bin files")
     for split, part in parts.items():
         os.replace(part, out_dir / f'{split}.bin')  # complete files only: a crash leaves no half-written .bin
-    if spec['tokenizer'] == 'file':
-        from tokenizers import Tokenizer
-        vocab_size = Tokenizer.from_file(spec['path']).get_vocab_size()
-    else:
-        vocab_size = {'gpt2': 50257, 'neox': 50277}[spec['tokenizer']]
-    meta = {**spec, 'vocab_size': vocab_size, 'train_tokens': counts['train'], 'val_tokens': counts['val'],
+    meta = {**spec, 'vocab_size': vocab_size(spec), 'train_tokens': counts['train'], 'val_tokens': counts['val'],
             'source': c['source'] or hub_name}
     (out_dir / 'meta.json').write_text(json.dumps(meta, indent=1))
     print(f"{out_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens ({c['tokenizer']})")

@@ -16,7 +16,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
-from tokenizer import get_codec  # noqa: E402  (the repo's root modules)
+from tokenizer import get_codec, spec_for, vocab_size  # noqa: E402  (the repo's root modules)
 from train import ConfigError, parse_config  # noqa: E402
 
 DEFAULTS = dict(
@@ -24,17 +24,14 @@ DEFAULTS = dict(
     input='',  # '' = tiny shakespeare (fetched once into data/shakespeare_char/input.txt); or any UTF-8 text file
     out_dir='',  # '' = next to this file
 )
-VOCAB = {'gpt2': 50257, 'neox': 50277}
 
 
 def main(argv):
     c = parse_config(DEFAULTS, argv)
-    if c['tokenizer'] in VOCAB:
-        spec = {'tokenizer': c['tokenizer']}
-    elif Path(c['tokenizer']).is_file():
-        spec = {'tokenizer': 'file', 'path': c['tokenizer']}
-    else:
-        raise ConfigError(f"tokenizer must be 'gpt2', 'neox' or a tokenizer.json file, got '{c['tokenizer']}'")
+    try:
+        spec = spec_for(c['tokenizer'])
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if c['input']:
         if not Path(c['input']).is_file():
             raise ConfigError(f"input {c['input']} not found")
@@ -55,12 +52,7 @@ def main(argv):
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, v in ids.items():
         np.array(v, dtype=np.uint16).tofile(out_dir / f'{split}.bin')
-    if spec['tokenizer'] == 'file':
-        from tokenizers import Tokenizer
-        vocab_size = Tokenizer.from_file(spec['path']).get_vocab_size()
-    else:
-        vocab_size = VOCAB[spec['tokenizer']]
-    meta = {**spec, 'vocab_size': vocab_size, 'train_tokens': len(ids['train']), 'val_tokens': len(ids['val'])}
+    meta = {**spec, 'vocab_size': vocab_size(spec), 'train_tokens': len(ids['train']), 'val_tokens': len(ids['val'])}
     (out_dir / 'meta.json').write_text(json.dumps(meta, indent=1))
     print(f"{out_dir}: train {len(ids['train']):,} tokens, val {len(ids['val']):,} tokens ({c['tokenizer']})")
 
