@@ -268,3 +268,11 @@ def test_activation_checkpointing_in_training(dataset, tmp_path):
 def test_fsdp_needs_torchrun(dataset, tmp_path):
     check = run('train.py', *args('gpt', dataset, tmp_path, 2), '--fsdp=True')
     one_line_error(check, 'train.py', 'fsdp=True needs several processes')
+
+
+def test_wandb_not_installed_is_one_line(dataset, tmp_path):
+    import importlib.util
+    if importlib.util.find_spec('wandb') is not None:
+        pytest.skip('wandb is installed here')
+    r = run('train.py', *args('gpt', dataset, tmp_path, 2), '--wandb_log=True')
+    one_line_error(r, 'train.py', 'wandb_log=True but wandb is not installed: pip install wandb')
