@@ -15,17 +15,15 @@ at --plot, and prints a summary table. Options are --key=value overrides of DEFA
 import csv
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from train import ConfigError, parse_config, resolve_device
+from train import ConfigError, parse_config, resolve_device, run_provenance
 
 DEFAULTS = dict(
     device='auto',  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
@@ -172,10 +170,7 @@ def main(argv):
     if c['n_tokens'] < 1 or c['window'] < 1:
         raise ConfigError("n_tokens and window must be positive")
     dtype = getattr(torch, c['dtype'])
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    machine = torch.cuda.get_device_name(device) if device_type == 'cuda' else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    commit, machine = run_provenance(device)
     title = (f"L{c['n_layer']} C{c['n_embd']} V{c['vocab_size']} {c['dtype']}, batch 1, {machine}, torch "
              f"{torch.__version__}, commit {commit}")
     print(f"# benchmark_inference_time.py {' '.join(argv)}\n{title}, {time.strftime('%Y-%m-%d')}")

@@ -252,6 +252,16 @@ def read_meta(directory):
     return json.loads(meta.read_text()) if meta.is_file() else None
 
 
+def run_provenance(device):
+    """(git commit, machine) for the header every benchmark prints: what produced its numbers."""
+    import platform
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip() or 'unknown'
+    if device.startswith('cuda'):
+        return commit, torch.cuda.get_device_name(device)
+    return commit, f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
 def measure_peak_flops(device, dtype):
     """Peak FLOP/s for MFU. Known GPUs: the vendor's dense peak for the training dtype; otherwise measured with a
     large matmul on this device, so MFU on a CPU means 'fraction of what a plain matmul reaches here'."""
@@ -513,8 +523,9 @@ def main(argv):
         data = np.memmap(ddir / f'{split}.bin', dtype=np.uint16, mode='r')
         x = torch.stack([torch.from_numpy(data[i:i + c['block_size']].astype(np.int64)) for i in offsets])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + c['block_size']].astype(np.int64)) for i in offsets])
-        if int(y.max()) >= vocab_size:
-            raise ConfigError(f"{split}.bin in {ddir} holds token id {int(y.max())}, but the model's vocab_size is "
+        top = max(int(x[:, 0].max()), int(y.max()))  # y is x shifted by one: together they hold every token
+        if top >= vocab_size:
+            raise ConfigError(f"{split}.bin in {ddir} holds token id {top}, but the model's vocab_size is "
                               f"{vocab_size}: the data and the model use different tokenizers; prepare the data again")
         if device_type == 'cuda':
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)

@@ -11,9 +11,7 @@ $ python benchmarks/bench_decode.py --sizes="[(12, 768, 50277)]" --n_tokens=200
 Tokens/s are medians over --repeats runs of --n_tokens steps each, after --warmup steps.
 """
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train import ConfigError, parse_config  # noqa: E402
+from train import ConfigError, parse_config, run_provenance  # noqa: E402
 
 DEFAULTS = dict(
     # (n_layer, n_embd, vocab_size): a char-level model, a small BPE model, and RWKV-4 169M's shape
@@ -107,13 +105,11 @@ def main(argv):
     import importlib.util
     if importlib.util.find_spec('rwkv') is None:
         raise ConfigError("the rwkv package is not installed: pip install rwkv")
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit, machine = run_provenance('cpu')
     from importlib.metadata import version
     print(f"# bench_decode.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, rwkv {version('rwkv')}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"{time.strftime('%Y-%m-%d')}\nfp32 on the CPU, batch 1 unless stated, {c['n_tokens']} fixed random tokens "
-          f"per run, median of {c['repeats']} runs\n")
+          f"{machine}, {time.strftime('%Y-%m-%d')}\nfp32 on the CPU, batch 1 unless stated, {c['n_tokens']} fixed "
+          f"random tokens per run, median of {c['repeats']} runs\n")
     B = c['batch_size']
     print(f"| n_layer | n_embd | vocab | rwkv pip tok/s | ours tok/s | ours / pip | ours compiled tok/s | "
           f"compiled / pip | ours batch {B} tok/s | max logit diff |")

@@ -11,9 +11,7 @@ MFU counts the matmul FLOPs of the model (model_gpt.py / model_rwkv.py flops_per
 same count) against the device's peak: NVIDIA's datasheet dense peak for A100/H100/H200, otherwise (CPUs) a
 matmul measured at the start of this run (train.py measure_peak_flops). Times are medians after warm-up iterations.
 """
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -22,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train import ConfigError, measure_peak_flops, parse_config, resolve_device, resolve_dtype  # noqa: E402
+from train import (ConfigError, measure_peak_flops, parse_config, resolve_device, resolve_dtype,  # noqa: E402
+                   run_provenance)
 
 DEFAULTS = dict(
     device='auto',  # 'auto' (cuda if available), 'cpu', 'cuda', ...
@@ -105,10 +104,7 @@ def main(argv):
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    machine = torch.cuda.get_device_name(device) if device_type == 'cuda' else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    commit, machine = run_provenance(device)
     peak = c['peak_flops'] or measure_peak_flops(device, dtype)
     B, T = c['batch_size'], c['block_size']
     print(f"# bench_train.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, {machine}, "

@@ -7,9 +7,7 @@ $ python benchmarks/bench_wkv.py --device=cuda --shapes="[(8, 1024, 768)]" --dty
 
 Times are medians over --repeats runs after a warm-up; ratios are to the 'torch' reference in the same run.
 """
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train import ConfigError, parse_config  # noqa: E402
+from train import ConfigError, parse_config, run_provenance  # noqa: E402
 from wkv_cuda import wkv  # noqa: E402
 
 DEFAULTS = dict(
@@ -83,11 +81,9 @@ def bench_op(c):
 
 def main(argv):
     c = parse_config(DEFAULTS, argv)
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    name = torch.cuda.get_device_name() if c['device'].startswith('cuda') else platform.processor() or 'cpu'
-    print(f"# bench_wkv.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, {name}, "
-          f"{torch.get_num_threads()} CPU threads, {time.strftime('%Y-%m-%d')}")
+    commit, machine = run_provenance(c['device'])
+    print(f"# bench_wkv.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, {machine}, "
+          f"{time.strftime('%Y-%m-%d')}")
     bench_op(c)
 
 
