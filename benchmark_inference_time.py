@@ -23,51 +23,55 @@ from pathlib import Path
 
 import torch
 
-from train import ConfigError, parse_config, resolve_device, run_provenance
+from configurator import ConfigError, Option, parse_config
+from hardware import DEVICE, resolve_device, run_provenance
 
-DEFAULTS = dict(
-    device='auto',  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
-    dtype='float32',  # weights and activations: 'float32', 'bfloat16' or 'float16' (RWKV state stays fp32)
-    models=['rwkv', 'gpt'],
-    n_layer=6,
-    n_embd=512,
-    n_head=8,  # gpt only
-    vocab_size=50277,
-    n_tokens=4096,  # tokens generated per model, from an empty context
-    report_at=[64, 256, 1024, 4096],  # context lengths in the summary (those <= n_tokens)
-    window=32,  # the summary's ms/token at context n is the median over the `window` steps ending at n
-    out='benchmarks/results/inference_time_{device}',  # .csv and .json; {device} becomes cpu / cuda
-    plot='assets/inference_time_{device}.png',
-    seed=1337,
+OPTIONS = dict(
+    device=Option('auto', "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...", DEVICE),
+    dtype=Option('float32', "weights and activations (the RWKV state stays fp32)", ('float32', 'bfloat16', 'float16')),
+    models=Option(['rwkv', 'gpt'], "the models to run, in order", ('rwkv', 'gpt')),
+    n_layer=Option(6, "blocks of both models", '>= 1'),
+    n_embd=Option(512, "width of both models", '>= 1'),
+    n_head=Option(8, "gpt only: attention heads (n_embd must be a multiple)", '>= 1'),
+    vocab_size=Option(50277, "vocabulary of both models", '>= 1'),
+    n_tokens=Option(4096, "tokens generated per model, from an empty context", '>= 1'),
+    report_at=Option([64, 256, 1024, 4096], "context lengths in the summary (those <= n_tokens)", '>= 1'),
+    window=Option(32, "the summary's ms/token at context n is the median over the `window` steps ending at n", '>= 1'),
+    out=Option('benchmarks/results/inference_time_{device}', "where the .csv and .json go; {device} becomes cpu / cuda"),
+    plot=Option('assets/inference_time_{device}.png', "where the PNG goes; {device} becomes cpu / cuda"),
+    seed=Option(1337, "seeds the random weights", '>= 0'),
 )
 
 
-def make_model(name, c, dtype, device):
-    torch.manual_seed(c['seed'])
+def make_model(name, cfg, dtype, device):
+    torch.manual_seed(cfg.seed)
+    try:
+        model = build(name, cfg)
+    except ValueError as e:  # the model configs check their values
+        raise ConfigError(str(e)) from e
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def build(name, cfg):
     if name == 'rwkv':
         from model_rwkv import RWKV, RWKVConfig
-        model = RWKV(RWKVConfig(n_layer=c['n_layer'], n_embd=c['n_embd'], vocab_size=c['vocab_size'],
-                                block_size=c['n_tokens']))
+        model = RWKV(RWKVConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+                                block_size=cfg.n_tokens))
         with torch.no_grad():  # v4neo's init zeroes several matrices; random weights make every matmul real work
             for n, p in model.named_parameters():
                 if p.dim() == 2:
                     p.normal_(0, 0.02)
     elif name == 'gpt':
         from model_gpt import GPT, GPTConfig
-        if c['n_embd'] % c['n_head']:
-            raise ConfigError(f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
-        model = GPT(GPTConfig(n_layer=c['n_layer'], n_embd=c['n_embd'], n_head=c['n_head'],
-                              vocab_size=c['vocab_size'], block_size=c['n_tokens'], bias=False))
-    else:
-        raise ConfigError(f"models may hold 'rwkv' and 'gpt', got {name!r}")
-    return model.to(device=device, dtype=dtype).eval()
+        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                              vocab_size=cfg.vocab_size, block_size=cfg.n_tokens, bias=False))
+    return model
 
 
 def cache_bytes(cache):
-    """Bytes of the RWKV state (one tensor) or the GPT KV cache (per layer a (k, v) pair)."""
-    if torch.is_tensor(cache):
-        return cache.numel() * cache.element_size()
-    return sum(t.numel() * t.element_size() for kv in cache for t in kv)
+    """Bytes of the RWKV State (a tuple of tensors) or the GPT KV cache (a list of per-layer (k, v) pairs)."""
+    tensors = [t for item in cache for t in (item if isinstance(item, tuple) else (item,))]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def rss_bytes():
@@ -81,7 +85,7 @@ def rss_bytes():
 
 
 @torch.inference_mode()
-def run(name, model, c, device):
+def run(name, model, cfg, device):
     """Greedy generation of n_tokens from an empty history; one row per token."""
     from tqdm import tqdm
     cuda = device.startswith('cuda')
@@ -90,7 +94,7 @@ def run(name, model, c, device):
         torch.cuda.reset_peak_memory_stats()
     token = torch.zeros(1, dtype=torch.long, device=device)
     cache, rows, total = None, [], 0.0
-    for n in tqdm(range(1, c['n_tokens'] + 1), desc=name, unit='tok', mininterval=1, file=sys.stderr):
+    for n in tqdm(range(1, cfg.n_tokens + 1), desc=name, unit='tok', mininterval=1, file=sys.stderr):
         t0 = time.perf_counter()
         logits, cache = model.step(token, cache)
         token = logits.argmax(-1)
@@ -110,13 +114,13 @@ def run(name, model, c, device):
     return rows
 
 
-def summarize(rows, c):
+def summarize(rows, cfg):
     """Per model: median ms/token over the window ending at each reported context, the ratio last / first, memory."""
-    at = [n for n in c['report_at'] if n <= c['n_tokens']] or [c['n_tokens']]
+    at = [n for n in cfg.report_at if n <= cfg.n_tokens] or [cfg.n_tokens]
     summary = {}
     for name in dict.fromkeys(r['model'] for r in rows):
         mine = [r for r in rows if r['model'] == name]
-        ms = {n: statistics.median(r['ms_per_token'] for r in mine[max(0, n - c['window']):n]) for n in at}
+        ms = {n: statistics.median(r['ms_per_token'] for r in mine[max(0, n - cfg.window):n]) for n in at}
         summary[name] = dict(ms_per_token=ms, ratio_last_first=ms[at[-1]] / ms[at[0]],
                              cache_mb_first=mine[at[0] - 1]['cache_mb'], cache_mb_last=mine[at[-1] - 1]['cache_mb'],
                              total_s=mine[-1]['cumulative_s'])
@@ -162,38 +166,34 @@ def figure(rows, title):
 
 
 def main(argv):
-    c = parse_config(DEFAULTS, argv)
-    device = resolve_device(c['device'])
+    cfg = parse_config(OPTIONS, argv, __doc__)
+    device = resolve_device(cfg.device)
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    if c['dtype'] not in ('float32', 'bfloat16', 'float16'):
-        raise ConfigError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {c['dtype']!r}")
-    if c['n_tokens'] < 1 or c['window'] < 1:
-        raise ConfigError("n_tokens and window must be positive")
-    dtype = getattr(torch, c['dtype'])
+    dtype = getattr(torch, cfg.dtype)
     commit, machine = run_provenance(device)
-    title = (f"L{c['n_layer']} C{c['n_embd']} V{c['vocab_size']} {c['dtype']}, batch 1, {machine}, torch "
+    title = (f"L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size} {cfg.dtype}, batch 1, {machine}, torch "
              f"{torch.__version__}, commit {commit}")
     print(f"# benchmark_inference_time.py {' '.join(argv)}\n{title}, {time.strftime('%Y-%m-%d')}")
 
     rows = []
-    for name in c['models']:
-        model = make_model(name, c, dtype, device)
+    for name in cfg.models:
+        model = make_model(name, cfg, dtype, device)
         print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
-        rows += run(name, model, c, device)
+        rows += run(name, model, cfg, device)
         del model
-    at, summary = summarize(rows, c)
+    at, summary = summarize(rows, cfg)
     print_table(at, summary)
 
-    out = Path(c['out'].format(device=device_type))
+    out = Path(cfg.out.format(device=device_type))
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix('.csv'), 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    meta = dict(argv=argv, config=c, device=device, machine=machine, torch=torch.__version__, commit=commit,
+    meta = dict(argv=argv, config=vars(cfg), device=device, machine=machine, torch=torch.__version__, commit=commit,
                 date=time.strftime('%Y-%m-%d'), summary=summary)
     out.with_suffix('.json').write_text(json.dumps(dict(meta, rows=rows), indent=1))
-    png = Path(c['plot'].format(device=device_type))
+    png = Path(cfg.plot.format(device=device_type))
     png.parent.mkdir(parents=True, exist_ok=True)
     figure(rows, title).savefig(png, dpi=110)
     print(f"wrote {out.with_suffix('.csv')}, {out.with_suffix('.json')} and {png}")

@@ -11,33 +11,36 @@ import json
 import sys
 from pathlib import Path
 
-from train import ConfigError, load_latest_checkpoint, model_from_checkpoint, parse_config
+from checkpoint import load_latest_checkpoint, model_from_checkpoint
+from configurator import ConfigError, Option, parse_config
 
-DEFAULTS = dict(
-    out_dir='out',  # the directory with ckpt.pt
-    format='hf',  # 'hf' or 'pth'
-    dest='',  # the directory (hf) or file (pth) to write
+OPTIONS = dict(
+    out_dir=Option('out', "the directory with the checkpoints (the newest intact one is exported)"),
+    format=Option('hf', "'hf' (a transformers directory) or 'pth' (RWKV only: the official RWKV-4 .pth)", ('hf', 'pth')),
+    dest=Option('', "the directory (hf) or file (pth) to write"),
 )
 
 
 def main(argv):
-    c = parse_config(DEFAULTS, argv)
-    if c['format'] not in ('hf', 'pth'):
-        raise ConfigError(f"format must be 'hf' or 'pth', got '{c['format']}'")
-    if not c['dest']:
+    cfg = parse_config(OPTIONS, argv, __doc__)
+    if not cfg.dest:
         raise ConfigError("say where to write with --dest=PATH")
-    ckpt = load_latest_checkpoint(c['out_dir'], 'cpu')[0]
+    ckpt = load_latest_checkpoint(cfg.out_dir, 'cpu')[0]
     model = model_from_checkpoint(ckpt)
-    dest = Path(c['dest'])
-    if c['format'] == 'pth':
-        if ckpt['model_type'] != 'rwkv':
-            raise ConfigError("format 'pth' is RWKV's official format; this checkpoint is a GPT: use --format=hf")
-        model.save_pth(dest)
-    else:
-        model.save_pretrained(dest)
-        # the tokenizer the model was trained with, for sample.py and for people
-        (dest / 'nanorwkv_tokenizer.json').write_text(json.dumps(ckpt.get('tokenizer', {'tokenizer': 'gpt2'})))
-    print(f"wrote {dest} ({ckpt['model_type']}, format {c['format']}, iteration {ckpt.get('iter_num')})")
+    dest = Path(cfg.dest)
+    if cfg.format == 'pth' and ckpt['model_type'] != 'rwkv':
+        raise ConfigError("format 'pth' is RWKV's official format; this checkpoint is a GPT: use --format=hf")
+    try:
+        if cfg.format == 'pth':
+            model.save_pth(dest)
+        else:
+            model.save_pretrained(dest)
+            # the tokenizer the model was trained with, for sample.py and for people
+            (dest / 'nanorwkv_tokenizer.json').write_text(json.dumps(ckpt.get('tokenizer', {'tokenizer': 'gpt2'})))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        raise ConfigError(f"could not write {dest} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+                          f"pick a writable --dest") from e
+    print(f"wrote {dest} ({ckpt['model_type']}, format {cfg.format}, iteration {ckpt.get('iter_num')})")
 
 
 if __name__ == '__main__':

@@ -16,113 +16,14 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
-    """Pick the next token from logits (B, V): greedy when temperature == 0, else sample from
-    softmax(logits / temperature) restricted to the top_k most likely tokens and to the smallest set of tokens whose
-    probability adds up to top_p (nucleus sampling, Holtzman et al. 2019). Returns (B, 1)."""
-    if temperature == 0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float('inf')
-    probs = F.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the strictly more likely tokens
-        sorted_probs[before >= top_p] = 0.0  # the most likely token always stays
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, num_samples=1)
-
-
-def generate_tokens(advance, logits, idx, max_new_tokens, temperature, top_k, top_p, on_token, stop_token):
-    """The sampling loop of both models' generate: logits (B, V) predict the token after idx (B, T);
-    advance(idx) returns the logits that follow idx's newly appended last token."""
-    stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    for i in range(max_new_tokens):
-        idx_next = sample_logits(logits, temperature, top_k, top_p)  # (B, 1)
-        idx = torch.cat((idx, idx_next), dim=1)
-        if on_token is not None:
-            on_token(idx_next[0, 0].item())
-        if stop_token is not None:
-            stopped |= idx_next[:, 0] == stop_token
-        if i == max_new_tokens - 1 or stopped.all():
-            break
-        logits = advance(idx)
-    return idx
-
-
-def hub_or_local(name_or_path, hub_names):
-    """A local directory or file as given, or a hub model (one of hub_names) downloaded to the local cache. Offline,
-    a hub name fails with one line that says a local path works."""
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    if name_or_path not in hub_names:
-        raise ValueError(f"{name_or_path} is neither a local path nor a known model; expected a Hugging Face format "
-                         f"directory, a file, or one of {', '.join(hub_names)}")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(name_or_path, allow_patterns=['config.json', '*.safetensors', '*.bin',
-                                                                    '*.json']))
-    except Exception as e:  # the hub client raises many types (connection, HTTP, missing repo): say which, and why
-        raise ValueError(f"could not download {name_or_path} from the Hugging Face hub ({type(e).__name__}); "
-                         f"a local path works too: a directory with config.json and model weights") from e
-
-
-def load_hf_directory(directory):
-    """(config dict, state dict) of a Hugging Face format directory: config.json and model.safetensors or
-    pytorch_model.bin (sharded ones too). The weights are read without running any pickled code."""
-    directory = Path(directory)
-    if not (directory / 'config.json').is_file():
-        raise ValueError(f"{directory} has no config.json: not a Hugging Face format model directory")
-    config = json.loads((directory / 'config.json').read_text())
-    state = {}
-    files = sorted(directory.glob('*.safetensors'))
-    if files:
-        from safetensors.torch import load_file
-        for f in files:
-            state.update(load_file(f))
-    else:
-        files = sorted(directory.glob('pytorch_model*.bin'))
-        for f in files:
-            state.update(torch.load(f, map_location='cpu', weights_only=True))
-    if not files:
-        raise ValueError(f"{directory} has no model.safetensors or pytorch_model.bin")
-    return config, state
-
-
-def load_state_checked(model, state, source):
-    """Copy `state` into model: the key sets and every shape must match exactly."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{source} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    with torch.no_grad():
-        for k, v in state.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-            own[k].copy_(v)
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's cannot drop it on older versions)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+from checkpoint import hub_or_local, load_hf_directory, load_state_checked
+from sampling import generate_tokens
 
 
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -167,9 +68,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, kv=None):
@@ -189,6 +90,16 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
 
+    def __post_init__(self):
+        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be at least 1")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head} (each head gets "
+                             f"n_embd / n_head channels)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
 
 class GPT(nn.Module):
 
@@ -200,7 +111,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
@@ -306,7 +217,7 @@ class GPT(nn.Module):
             for name, module in self.named_modules():
                 if isinstance(module, nn.Linear) and name != 'lm_head':
                     state[f'{name}.bias'] = torch.zeros(module.out_features)
-                elif isinstance(module, LayerNorm):
+                elif isinstance(module, nn.LayerNorm):
                     state[f'{name}.bias'] = torch.zeros(module.weight.shape)
         state = {k: (v.t() if k.endswith(self.HF_TRANSPOSED) else v).contiguous() for k, v in state.items()}
         save_file(state, directory / 'model.safetensors', metadata={'format': 'pt'})

@@ -6,7 +6,7 @@ RWKV-4 language model in one file, the same network as BlinkDL's RWKV-LM `RWKV-v
 Two ways to run the same weights:
 - parallel mode, `forward(idx, targets)` / `prefill(idx, state)`: a whole chunk at once, the WKV op over time;
 - RNN mode, `step(token, state)`: one token, constant memory, the recurrence of RWKV-v4neo/src/model_run.py.
-State per layer is (x_att, aa, bb, pp, x_ffn), stacked as a (n_layer, 5, B, C) tensor in fp32.
+Both carry a `State`: per layer the last input of time mix and of channel mix (token shift) and the WKV sums.
 
 References: Peng et al. 2023, "RWKV: Reinventing RNNs for the Transformer Era" (arXiv:2305.13048);
 https://github.com/BlinkDL/RWKV-LM (RWKV-v4neo).
@@ -16,14 +16,16 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-from model_gpt import generate_tokens, hub_or_local, load_hf_directory, load_state_checked
-from wkv_cuda import initial_state, wkv, wkv_step
+from checkpoint import hub_or_local, load_hf_directory, load_state_checked
+from sampling import generate_tokens
+from wkv_cuda import BACKENDS, initial_state, wkv, wkv_step
 
 
 class L2Wrap(torch.autograd.Function):
@@ -73,29 +75,26 @@ class TimeMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
 
-    def forward(self, x, state):
-        # x (B, T, C); state (4, B, C) = x_prev, aa, bb, pp
-        x_prev, aa, bb, pp = state
+    def forward(self, x, x_prev, sums):
+        # parallel mode: x (B, T, C); x_prev (B, C) the input before x[:, 0]; sums (aa, bb, pp) each (B, C)
         xx = torch.cat([x_prev.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # token shift, (B, T, C)
         # lerp(xx, x, m) = x * m + xx * (1 - m), RWKV-LM's mixing in one op
         k = self.key(torch.lerp(xx, x, self.time_mix_k))
         v = self.value(torch.lerp(xx, x, self.time_mix_v))
         r = self.receptance(torch.lerp(xx, x, self.time_mix_r))
-        y, (aa, bb, pp) = wkv(self.time_decay, self.time_first, k, v, (aa, bb, pp), self.backend)
-        out = self.output(torch.sigmoid(r) * y)
-        return out, torch.stack([x[:, -1].to(aa.dtype), aa, bb, pp])
+        y, sums = wkv(self.time_decay, self.time_first, k, v, sums, self.backend)
+        return self.output(torch.sigmoid(r) * y), sums
 
-    def step(self, x, state):
-        # x (B, C): one token; the recurrence as in RWKV-v4neo/src/model_run.py (RNN mode)
-        x_prev, aa, bb, pp = state
+    def step(self, x, x_prev, sums):
+        # RNN mode: x (B, C), one token; the recurrence as in RWKV-v4neo/src/model_run.py
+        aa, bb, pp = sums
         xx = x_prev.to(x.dtype)
         k = self.key(torch.lerp(xx, x, self.time_mix_k[0]))  # (B, C)
         v = self.value(torch.lerp(xx, x, self.time_mix_v[0]))
         r = self.receptance(torch.lerp(xx, x, self.time_mix_r[0]))
         w = -torch.exp(self.time_decay.to(aa.dtype))
         y, aa, bb, pp = wkv_step(w, self.time_first.to(aa.dtype), k.to(aa.dtype), v.to(aa.dtype), aa, bb, pp)
-        out = self.output(torch.sigmoid(r) * y.to(x.dtype))
-        return out, torch.stack([x.to(aa.dtype), aa, bb, pp])
+        return self.output(torch.sigmoid(r) * y.to(x.dtype)), (aa, bb, pp)
 
 
 class ChannelMix(nn.Module):
@@ -116,13 +115,30 @@ class ChannelMix(nn.Module):
         return torch.sigmoid(self.receptance(torch.lerp(xx, x, time_mix_r))) * self.value(k)
 
     def forward(self, x, x_prev):
-        # x (B, T, C); x_prev (B, C): the last input of the previous chunk
+        # parallel mode: x (B, T, C); x_prev (B, C) the input before x[:, 0]
         xx = torch.cat([x_prev.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # token shift, (B, T, C)
-        return self.mix(x, xx, self.time_mix_k, self.time_mix_r), x[:, -1]
+        return self.mix(x, xx, self.time_mix_k, self.time_mix_r)
 
     def step(self, x, x_prev):
-        # x (B, C)
-        return self.mix(x, x_prev.to(x.dtype), self.time_mix_k[0], self.time_mix_r[0]), x
+        # RNN mode: x (B, C)
+        return self.mix(x, x_prev.to(x.dtype), self.time_mix_k[0], self.time_mix_r[0])
+
+
+class State(NamedTuple):
+    """The RNN state: what the model needs of the past, in fp32 (fp64 for a fp64 model) whatever the weights' dtype.
+    Each slot is (B, C) for one layer, or (n_layer, B, C) for the whole model (RWKV.initial_state)."""
+    x_att: torch.Tensor  # time mix's last input (its token shift)
+    aa: torch.Tensor  # WKV numerator sum, scaled by e^-pp
+    bb: torch.Tensor  # WKV denominator sum, scaled by e^-pp
+    pp: torch.Tensor  # the largest exponent seen so far
+    x_ffn: torch.Tensor  # channel mix's last input
+
+    def layer(self, i):
+        return State(*(s[i] for s in self))
+
+    @staticmethod
+    def stack(layers):
+        return State(*(torch.stack(s) for s in zip(*layers)))
 
 
 class Block(nn.Module):
@@ -137,15 +153,26 @@ class Block(nn.Module):
         self.ffn = ChannelMix(config, layer_id)
 
     def forward(self, x, state):
-        # x (B, T, C) or (B, C) in RNN mode; state (5, B, C) = x_att, aa, bb, pp, x_ffn
-        run_att, run_ffn = (self.att.step, self.ffn.step) if x.dim() == 2 else (self.att, self.ffn)
+        """Parallel mode: x (B, T, C) after `state` (this layer's, slots (B, C)). Returns x and the state after x."""
         if hasattr(self, 'ln0'):  # block 0 normalises the embedding (RWKV-v4neo Block.forward)
             x = self.ln0(x)
-        dx, att_state = run_att(self.ln1(x), state[:4])
+        xa = self.ln1(x)
+        dx, (aa, bb, pp) = self.att(xa, state.x_att, (state.aa, state.bb, state.pp))
         x = x + dx
-        dx, x_ffn = run_ffn(self.ln2(x), state[4])
+        xf = self.ln2(x)
+        x = x + self.ffn(xf, state.x_ffn)
+        return x, State(xa[:, -1].to(aa.dtype), aa, bb, pp, xf[:, -1].to(aa.dtype))
+
+    def step(self, x, state):
+        """RNN mode: x (B, C), one token after `state`. Returns x and the new state."""
+        if hasattr(self, 'ln0'):
+            x = self.ln0(x)
+        xa = self.ln1(x)
+        dx, (aa, bb, pp) = self.att.step(xa, state.x_att, (state.aa, state.bb, state.pp))
         x = x + dx
-        return x, torch.cat([att_state, x_ffn.to(att_state.dtype).unsqueeze(0)])  # (5, B, C)
+        xf = self.ln2(x)
+        x = x + self.ffn.step(xf, state.x_ffn)
+        return x, State(xa.to(aa.dtype), aa, bb, pp, xf.to(aa.dtype))
 
 
 @dataclass
@@ -160,34 +187,13 @@ class RWKVConfig:
     rescale_every: int = 0  # > 0: the weights are rescaled for fp16 (see RWKV.rescale_for_fp16), x halves every N layers
 
     def __post_init__(self):
+        for key in ('block_size', 'vocab_size', 'n_layer', 'n_embd'):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be at least 1")
+        if self.wkv_backend not in BACKENDS:
+            raise ValueError(f"wkv_backend must be one of {', '.join(BACKENDS)}, got {self.wkv_backend!r}")
         if self.dim_ffn == 0:
             self.dim_ffn = 4 * self.n_embd
-
-
-def hf_name(name):
-    """Our parameter name (= RWKV-LM's) -> transformers' RwkvForCausalLM name; the renames of transformers'
-    models/rwkv/convert_rwkv_checkpoint_to_hf.py."""
-    if name == 'head.weight':
-        return name
-    name = re.sub(r'^emb\.', 'embeddings.', name).replace('blocks.0.ln0.', 'blocks.0.pre_ln.')
-    name = name.replace('.att.', '.attention.').replace('.ffn.', '.feed_forward.')
-    name = re.sub(r'time_mix_([kvr])$', lambda m: {'k': 'time_mix_key', 'v': 'time_mix_value',
-                                                   'r': 'time_mix_receptance'}[m[1]], name)
-    return 'rwkv.' + name
-
-
-def load_official_pth(path):
-    """The tensors of a BlinkDL RWKV-4 .pth, loaded without running pickled code; anything else is an error."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or corrupt files
-        raise ValueError(f"{path} is not a readable .pth checkpoint ({type(e).__name__})") from e
-    if not isinstance(state, dict) or 'emb.weight' not in state or 'blocks.0.att.time_first' not in state:
-        raise ValueError(f"{path} is not an RWKV checkpoint (no emb.weight / blocks.0.att.time_first)")
-    if any(k.endswith(('ln_x.weight', 'time_faaaa', 'time_maa_x', 'gate.weight')) for k in state) or \
-            state['blocks.0.att.time_decay'].dim() != 1:
-        raise ValueError(f"{path} is a later RWKV version (5/6/7), not RWKV-4")
-    return state
 
 
 class RWKV(nn.Module):
@@ -225,34 +231,35 @@ class RWKV(nn.Module):
         return n - self.emb.weight.numel() if non_embedding else n
 
     def initial_state(self, B, device=None):
-        """The state of an empty history: (n_layer, 5, B, C), pp = -1e38, the rest 0."""
+        """The State of an empty history, slots (n_layer, B, C): pp = -1e38, the rest 0."""
         device = device or self.head.weight.device
         dtype = torch.promote_types(self.head.weight.dtype, torch.float32)  # fp32, or fp64 for a fp64 model
-        C = self.config.n_embd
+        L, C = self.config.n_layer, self.config.n_embd
         aa, bb, pp = initial_state(B, C, device, dtype)
-        zeros = torch.zeros(B, C, device=device, dtype=dtype)
-        return torch.stack([zeros, aa, bb, pp, zeros]).unsqueeze(0).repeat(self.config.n_layer, 1, 1, 1)
+        zeros = torch.zeros(L, B, C, device=device, dtype=dtype)
+        return State(zeros, aa.expand(L, B, C), bb.expand(L, B, C), pp.expand(L, B, C), zeros)
 
-    def _body(self, x, state):
-        # x: embeddings, (B, T, C) or (B, C); runs the blocks and ln_out, returns the hidden states and the new state
+    def _body(self, x, state, run):
+        # x: embeddings, (B, T, C) for run='forward', (B, C) for run='step'; returns ln_out(x) and the new State
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
-        new_state = []
+        layers = []
         r = self.config.rescale_every
         for i, block in enumerate(self.blocks):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if run == 'step':
+                x, s = block.step(x, state.layer(i))
+            elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only the block's input; its activations are recomputed in backward
-                x, s = torch.utils.checkpoint.checkpoint(block, x, state[i], use_reentrant=False)
+                x, s = torch.utils.checkpoint.checkpoint(block, x, state.layer(i), use_reentrant=False)
             else:
-                x, s = block(x, state[i])
-            new_state.append(s)
+                x, s = block(x, state.layer(i))
+            layers.append(s)
             if r > 0 and (i + 1) % r == 0:
                 x = x / 2  # RWKV-v4neo/src/model_run.py RESCALE_LAYER: keeps fp16 activations in range
-        return self.ln_out(x), torch.stack(new_state)  # (B, [T,] C), (n_layer, 5, B, C)
+        return self.ln_out(x), State.stack(layers)
 
     def forward(self, idx, targets=None):
-        B, T = idx.size()
-        x, _ = self._body(self.emb(idx), None)  # (B, T, C)
+        x, _ = self._body(self.emb(idx), None, 'forward')  # (B, T, C)
         if targets is not None:
             logits = self.head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
@@ -265,13 +272,13 @@ class RWKV(nn.Module):
 
     def prefill(self, idx, state=None):
         """Parallel mode over a chunk idx (B, T), starting from `state` (None = empty history).
-        Returns logits (B, T, V) and the state after the chunk."""
-        x, state = self._body(self.emb(idx), state)
+        Returns logits (B, T, V) and the State after the chunk."""
+        x, state = self._body(self.emb(idx), state, 'forward')
         return self.head(x), state
 
     def step(self, token, state=None):
-        """RNN mode: one token per sequence, token (B,). Returns logits (B, V) and the new state."""
-        x, state = self._body(self.emb(token), state)
+        """RNN mode: one token per sequence, token (B,). Returns logits (B, V) and the new State."""
+        x, state = self._body(self.emb(token), state, 'step')
         return self.head(x), state
 
     @torch.no_grad()
@@ -378,8 +385,7 @@ class RWKV(nn.Module):
     def flops_per_token(self):
         """Training FLOPs per token: every weight matrix is used once per token in a matmul, 2 FLOPs per weight
         forward and 4 backward, hence 6 * (matrix params). The embedding is a lookup. The WKV recurrence and the
-        other elementwise work are not matmul FLOPs and, as softmax in the GPT count (PaLM appendix B), are not counted.
-        (The original nanoRWKV used vocab_size**2 here and forgot the factor T.)"""
+        other elementwise work are not matmul FLOPs and, as softmax in the GPT count (PaLM appendix B), are not counted."""
         n_matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and n != 'emb.weight')
         return 6 * n_matmul
 
@@ -411,3 +417,29 @@ class RWKV(nn.Module):
             logits = advance(idx)
         return generate_tokens(advance, logits, idx, max_new_tokens, temperature, top_k, top_p, on_token,
                                stop_token)
+
+
+def hf_name(name):
+    """Our parameter name (= RWKV-LM's) -> transformers' RwkvForCausalLM name; the renames of transformers'
+    models/rwkv/convert_rwkv_checkpoint_to_hf.py."""
+    if name == 'head.weight':
+        return name
+    name = re.sub(r'^emb\.', 'embeddings.', name).replace('blocks.0.ln0.', 'blocks.0.pre_ln.')
+    name = name.replace('.att.', '.attention.').replace('.ffn.', '.feed_forward.')
+    name = re.sub(r'time_mix_([kvr])$', lambda m: {'k': 'time_mix_key', 'v': 'time_mix_value',
+                                                   'r': 'time_mix_receptance'}[m[1]], name)
+    return 'rwkv.' + name
+
+
+def load_official_pth(path):
+    """The tensors of a BlinkDL RWKV-4 .pth, loaded without running pickled code; anything else is an error."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or corrupt files
+        raise ValueError(f"{path} is not a readable .pth checkpoint ({type(e).__name__})") from e
+    if not isinstance(state, dict) or 'emb.weight' not in state or 'blocks.0.att.time_first' not in state:
+        raise ValueError(f"{path} is not an RWKV checkpoint (no emb.weight / blocks.0.att.time_first)")
+    if any(k.endswith(('ln_x.weight', 'time_faaaa', 'time_maa_x', 'gate.weight')) for k in state) or \
+            state['blocks.0.att.time_decay'].dim() != 1:
+        raise ValueError(f"{path} is a later RWKV version (5/6/7), not RWKV-4")
+    return state

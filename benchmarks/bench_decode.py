@@ -20,17 +20,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train import ConfigError, parse_config, run_provenance  # noqa: E402
+from configurator import ConfigError, Option, parse_config  # noqa: E402
+from hardware import run_provenance  # noqa: E402
 
-DEFAULTS = dict(
+OPTIONS = dict(
     # (n_layer, n_embd, vocab_size): a char-level model, a small BPE model, and RWKV-4 169M's shape
-    sizes=[(4, 256, 65), (6, 512, 50277), (12, 768, 50277)],
-    n_tokens=64,  # steps per timed run
-    warmup=8,
-    repeats=3,
-    batch_size=8,  # our batched decode, the extra column
-    compile=True,  # also time torch.compile(model.step)
-    seed=1337,
+    sizes=Option([(4, 256, 65), (6, 512, 50277), (12, 768, 50277)], "(n_layer, n_embd, vocab_size) of each model: a "
+                 "char-level model, a small BPE model, and RWKV-4 169M's shape", '>= 1'),
+    n_tokens=Option(64, "steps per timed run", '>= 1'),
+    warmup=Option(8, "untimed steps first", '>= 0'),
+    repeats=Option(3, "timed runs; the median is reported", '>= 1'),
+    batch_size=Option(8, "our batched decode, the extra column", '>= 1'),
+    compile=Option(True, "also time torch.compile(model.step)"),
+    seed=Option(1337, "seeds the random weights and tokens", '>= 0'),
 )
 
 
@@ -47,11 +49,11 @@ def decode_rate(step, n_tokens, warmup, repeats, batch=1):
     return statistics.median(rates)
 
 
-def bench(L, C, V, c, tmp):
+def bench(L, C, V, cfg, tmp):
     os.environ.setdefault('RWKV_CUDA_ON', '0')
     from rwkv.model import RWKV as PipRWKV
     from model_rwkv import RWKV, RWKVConfig
-    torch.manual_seed(c['seed'])
+    torch.manual_seed(cfg.seed)
     src = RWKV(RWKVConfig(n_layer=L, n_embd=C, vocab_size=V))
     with torch.no_grad():  # v4neo's init zeroes several matrices; random weights make every matmul real work
         for p in src.parameters():
@@ -61,7 +63,7 @@ def bench(L, C, V, c, tmp):
     src.save_pth(path)
     ours = RWKV.from_pretrained(path).eval()  # the same file for both
     pip = PipRWKV(model=str(path.with_suffix('')), strategy='cpu fp32', verbose=False)
-    tokens = torch.randint(0, V, (c['warmup'] + c['n_tokens'],), generator=torch.Generator().manual_seed(c['seed']))
+    tokens = torch.randint(0, V, (cfg.warmup + cfg.n_tokens,), generator=torch.Generator().manual_seed(cfg.seed))
 
     # the same logits, token by token, before timing anything
     state, pip_state, diff = None, None, 0.0
@@ -85,12 +87,12 @@ def bench(L, C, V, c, tmp):
     def run_pip(i):
         _, pip_s[0] = pip.forward([int(tokens[i])], pip_s[0])
 
-    n, w, r = c['n_tokens'], c['warmup'], c['repeats']
+    n, w, r = cfg.n_tokens, cfg.warmup, cfg.repeats
     ours_1 = decode_rate(run_ours(1), n, w, r)
     pip_1 = decode_rate(run_pip, n, w, r)
-    ours_b = decode_rate(run_ours(c['batch_size']), n, w, r, c['batch_size'])
+    ours_b = decode_rate(run_ours(cfg.batch_size), n, w, r, cfg.batch_size)
     compiled = None
-    if c['compile']:
+    if cfg.compile:
         step = ours.step
         ours.step = torch.compile(step)  # the first calls (warm-up) compile it
         compiled = decode_rate(run_ours(1), n, max(w, 2), r)
@@ -99,24 +101,22 @@ def bench(L, C, V, c, tmp):
 
 
 def main(argv):
-    c = parse_config(DEFAULTS, argv)
-    if c['n_tokens'] < 1 or c['repeats'] < 1 or c['warmup'] < 0 or c['batch_size'] < 1:
-        raise ConfigError("n_tokens, repeats and batch_size must be positive, warmup >= 0")
+    cfg = parse_config(OPTIONS, argv, __doc__)
     import importlib.util
     if importlib.util.find_spec('rwkv') is None:
         raise ConfigError("the rwkv package is not installed: pip install rwkv")
     commit, machine = run_provenance('cpu')
     from importlib.metadata import version
     print(f"# bench_decode.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, rwkv {version('rwkv')}, "
-          f"{machine}, {time.strftime('%Y-%m-%d')}\nfp32 on the CPU, batch 1 unless stated, {c['n_tokens']} fixed "
-          f"random tokens per run, median of {c['repeats']} runs\n")
-    B = c['batch_size']
+          f"{machine}, {time.strftime('%Y-%m-%d')}\nfp32 on the CPU, batch 1 unless stated, {cfg.n_tokens} fixed "
+          f"random tokens per run, median of {cfg.repeats} runs\n")
+    B = cfg.batch_size
     print(f"| n_layer | n_embd | vocab | rwkv pip tok/s | ours tok/s | ours / pip | ours compiled tok/s | "
           f"compiled / pip | ours batch {B} tok/s | max logit diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for L, C, V in c['sizes']:
-            ours_1, pip_1, ours_b, compiled, diff = bench(L, C, V, c, tmp)
+        for L, C, V in cfg.sizes:
+            ours_1, pip_1, ours_b, compiled, diff = bench(L, C, V, cfg, tmp)
             comp = f"{compiled:,.1f} | {compiled / pip_1:.2f}x" if compiled else "- | -"
             print(f"| {L} | {C} | {V} | {pip_1:,.1f} | {ours_1:,.1f} | {ours_1 / pip_1:.2f}x | {comp} | "
                   f"{ours_b:,.1f} | {diff:.1e} |", flush=True)

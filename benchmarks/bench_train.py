@@ -14,31 +14,31 @@ matmul measured at the start of this run (train.py measure_peak_flops). Times ar
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train import (ConfigError, measure_peak_flops, parse_config, resolve_device, resolve_dtype,  # noqa: E402
-                   run_provenance)
+from configurator import ConfigError, Option, parse_config  # noqa: E402
+from hardware import (DEVICE, DTYPES, autocast_context, measure_peak_flops, resolve_device, resolve_dtype,  # noqa: E402
+                      run_provenance)
 
-DEFAULTS = dict(
-    device='auto',  # 'auto' (cuda if available), 'cpu', 'cuda', ...
-    dtype='auto',  # as train.py: 'auto' = bf16 autocast on GPUs that have it, fp32 on CPU
-    n_layer=4,
-    n_embd=256,
-    n_head=4,  # gpt
-    vocab_size=65,  # tiny shakespeare's characters; 50304 for GPT-2's padded BPE vocabulary
-    block_size=1024,
-    batch_size=4,
-    compile=[False, True],  # run each of our models eager and/or torch.compile'd
-    transformers=True,  # add transformers' RwkvForCausalLM and GPT2LMHeadModel (eager) when installed
-    wkv_backend='auto',  # rwkv: 'auto' | 'cuda' | 'cpu' | 'torch'
-    warmup=2,  # untimed iterations first (the compile happens in the first)
-    iters=5,  # timed iterations; the median is reported
-    peak_flops=0.0,  # FLOP/s for MFU; 0 = datasheet for known GPUs, else measured
-    seed=1337,
+OPTIONS = dict(
+    device=Option('auto', "'auto' (cuda if available), 'cpu', 'cuda', ...", DEVICE),
+    dtype=Option('auto', "as train.py: 'auto' = bf16 autocast on GPUs that have it, fp32 on CPU", DTYPES),
+    n_layer=Option(4, "blocks of both models", '>= 1'),
+    n_embd=Option(256, "width of both models", '>= 1'),
+    n_head=Option(4, "gpt: attention heads (n_embd must be a multiple)", '>= 1'),
+    vocab_size=Option(65, "tiny shakespeare's characters; 50304 for GPT-2's padded BPE vocabulary", '>= 1'),
+    block_size=Option(1024, "context length of a batch", '>= 1'),
+    batch_size=Option(4, "sequences per batch", '>= 1'),
+    compile=Option([False, True], "run each of our models eager and/or torch.compile'd"),
+    transformers=Option(True, "add transformers' RwkvForCausalLM and GPT2LMHeadModel (eager) when installed"),
+    wkv_backend=Option('auto', "rwkv: the WKV implementation", ('auto', 'cuda', 'cpu', 'torch')),
+    warmup=Option(2, "untimed iterations first (the compile happens in the first)", '>= 1'),
+    iters=Option(5, "timed iterations; the median is reported", '>= 1'),
+    peak_flops=Option(0.0, "FLOP/s for MFU; 0 = datasheet for known GPUs, else measured", '>= 0'),
+    seed=Option(1337, "seeds the weights and the batch", '>= 0'),
 )
 
 
@@ -54,30 +54,30 @@ class HFWrapper(torch.nn.Module):
         return out.logits, out.loss
 
 
-def models(c):
+def models(cfg):
     """(name, constructor, our twin for the FLOP count) of every model in the run."""
     from model_gpt import GPT, GPTConfig
     from model_rwkv import RWKV, RWKVConfig
-    L, C, V, T = c['n_layer'], c['n_embd'], c['vocab_size'], c['block_size']
-    if C % c['n_head']:
-        raise ConfigError(f"n_embd={C} must be divisible by n_head={c['n_head']}")
+    L, C, V, T = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.block_size
+    if C % cfg.n_head:
+        raise ConfigError(f"n_embd={C} must be a multiple of n_head={cfg.n_head}")
     # bias=True: the GPT-2 architecture exactly, as transformers' GPT2LMHeadModel
     def gpt():
-        return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=c['n_head'], n_embd=C, bias=True))
+        return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=cfg.n_head, n_embd=C, bias=True))
 
     def rwkv():
-        return RWKV(RWKVConfig(block_size=T, vocab_size=V, n_layer=L, n_embd=C, wkv_backend=c['wkv_backend']))
+        return RWKV(RWKVConfig(block_size=T, vocab_size=V, n_layer=L, n_embd=C, wkv_backend=cfg.wkv_backend))
     out = []
-    for compiled in c['compile']:
+    for compiled in cfg.compile:
         out += [(f"gpt{' compiled' if compiled else ''}", gpt, compiled, gpt),
                 (f"rwkv{' compiled' if compiled else ''}", rwkv, compiled, rwkv)]
-    if c['transformers']:
+    if cfg.transformers:
         try:
             import transformers
         except ImportError:
             print("(transformers is not installed: its models are left out)")
             return out
-        hf_gpt = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=C, n_layer=L, n_head=c['n_head'],
+        hf_gpt = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=C, n_layer=L, n_head=cfg.n_head,
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                          bos_token_id=0, eos_token_id=0)
         out.append(('transformers GPT2LMHeadModel', lambda: HFWrapper(transformers.GPT2LMHeadModel(hf_gpt)), False,
@@ -94,31 +94,29 @@ def models(c):
 
 
 def main(argv):
-    c = parse_config(DEFAULTS, argv)
-    device = resolve_device(c['device'])
+    cfg = parse_config(OPTIONS, argv, __doc__)
+    device = resolve_device(cfg.device)
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    dtype = resolve_dtype(c['dtype'], device_type)
-    if c['iters'] < 1 or c['warmup'] < 1:
-        raise ConfigError("iters and warmup must be at least 1")
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    dtype = resolve_dtype(cfg.dtype, device_type)
+    ctx = autocast_context(device_type, dtype)
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     commit, machine = run_provenance(device)
-    peak = c['peak_flops'] or measure_peak_flops(device, dtype)
-    B, T = c['batch_size'], c['block_size']
+    peak = cfg.peak_flops or measure_peak_flops(device, dtype)
+    B, T = cfg.batch_size, cfg.block_size
     print(f"# bench_train.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, {machine}, "
-          f"{time.strftime('%Y-%m-%d')}\nL{c['n_layer']} C{c['n_embd']} V{c['vocab_size']}, batch {B} x {T} tokens, "
-          f"{dtype}, AdamW; forward + backward + step, median of {c['iters']} after {c['warmup']} warm-up; "
+          f"{time.strftime('%Y-%m-%d')}\nL{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}, batch {B} x {T} tokens, "
+          f"{dtype}, AdamW; forward + backward + step, median of {cfg.iters} after {cfg.warmup} warm-up; "
           f"peak {peak / 1e12:.3g} TFLOP/s\n")
     print("| model | ms/iter | tokens/s | MFU | vs gpt |")
     print("|---|---|---|---|---|")
-    g = torch.Generator().manual_seed(c['seed'])
-    idx = torch.randint(0, c['vocab_size'], (B, T + 1), generator=g).to(device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g).to(device)
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     results = {}
-    for name, make, compiled, twin in models(c):
-        torch.manual_seed(c['seed'])
+    for name, make, compiled, twin in models(cfg):
+        torch.manual_seed(cfg.seed)
         model = make().to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         run = torch.compile(model) if compiled else model
@@ -129,10 +127,10 @@ def main(argv):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        for _ in range(c['warmup']):
+        for _ in range(cfg.warmup):
             step()
         times = []
-        for _ in range(c['iters']):
+        for _ in range(cfg.iters):
             if device_type == 'cuda':
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

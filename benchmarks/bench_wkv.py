@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train import ConfigError, parse_config, run_provenance  # noqa: E402
+from configurator import ConfigError, Option, parse_config  # noqa: E402
+from hardware import DEVICE, run_provenance  # noqa: E402
 from wkv_cuda import wkv  # noqa: E402
 
-DEFAULTS = dict(
-    device='cpu',
-    shapes=[(8, 1024, 512), (8, 256, 512), (3, 11, 5)],  # (B, T, C) for the op
-    dtypes=['float32'],  # k, v dtype for the op; bfloat16 on CUDA
-    repeats=5,
-    torch_max_t=1024,  # skip the reference above this T (it is a Python loop)
+OPTIONS = dict(
+    device=Option('cpu', "'cpu', 'cuda', 'cuda:1', ...", DEVICE),
+    shapes=Option([(8, 1024, 512), (8, 256, 512), (3, 11, 5)], "(B, T, C) for the op", '>= 1'),
+    dtypes=Option(['float32'], "k, v dtype for the op; bfloat16 on CUDA only", ('float32', 'float64', 'bfloat16')),
+    repeats=Option(5, "timed runs; the median is reported", '>= 1'),
+    torch_max_t=Option(1024, "skip the reference above this T (it is a Python loop)", '>= 0'),
 )
 
 
@@ -44,15 +45,15 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
-def bench_op(c):
-    device = c['device']
+def bench_op(cfg):
+    device = cfg.device
     backends = ['torch', 'cuda' if device.startswith('cuda') else 'cpu']
-    print(f"\n## WKV op, fwd+bwd, device {device}, median of {c['repeats']}")
+    print(f"\n## WKV op, fwd+bwd, device {device}, median of {cfg.repeats}")
     print("| backend | dtype | B | T | C | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs torch |")
     print("|---|---|---|---|---|---|---|---|")
-    for dtype_name in c['dtypes']:
+    for dtype_name in cfg.dtypes:
         dtype = getattr(torch, dtype_name)
-        for B, T, C in c['shapes']:
+        for B, T, C in cfg.shapes:
             g = torch.Generator().manual_seed(0)
             td = (torch.randn(C, generator=g) - 1).to(device).requires_grad_()
             tf = torch.randn(C, generator=g).to(device).requires_grad_()
@@ -60,7 +61,7 @@ def bench_op(c):
             v = torch.randn(B, T, C, generator=g).to(device, dtype).requires_grad_()
             base = None
             for backend in backends:
-                if backend == 'torch' and T > c['torch_max_t']:
+                if backend == 'torch' and T > cfg.torch_max_t:
                     continue
 
                 def fwd():
@@ -70,7 +71,7 @@ def bench_op(c):
                 def fwd_bwd():
                     y, _ = wkv(td, tf, k, v, backend=backend)
                     y.float().square().sum().backward()
-                repeats = c['repeats'] if backend != 'torch' else max(1, min(c['repeats'], 3))
+                repeats = cfg.repeats if backend != 'torch' else max(1, min(cfg.repeats, 3))
                 t_f = timed(fwd, device, repeats)
                 t_fb = timed(fwd_bwd, device, repeats)
                 base = t_fb if backend == 'torch' else base
@@ -80,11 +81,11 @@ def bench_op(c):
 
 
 def main(argv):
-    c = parse_config(DEFAULTS, argv)
-    commit, machine = run_provenance(c['device'])
+    cfg = parse_config(OPTIONS, argv, __doc__)
+    commit, machine = run_provenance(cfg.device)
     print(f"# bench_wkv.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, {machine}, "
           f"{time.strftime('%Y-%m-%d')}")
-    bench_op(c)
+    bench_op(cfg)
 
 
 if __name__ == '__main__':

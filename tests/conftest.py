@@ -1,11 +1,8 @@
+"""The suite's fixtures; the repository root and tests/ are on sys.path by pytest.ini (pythonpath)."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules: model_rwkv, train, ...
 
 
 @pytest.fixture(scope='session')

@@ -2,6 +2,7 @@
 is asserted (speed is reported by the scripts, not tested)."""
 import csv
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +49,7 @@ def test_inference_time_benchmark(tmp_path):
     # the PNG is an image, and the figure behind it has the three panels
     from matplotlib.image import imread
     assert imread(tmp_path / 'it.png').ndim == 3
-    sys.path.insert(0, str(REPO))
-    from benchmark_inference_time import figure
-    fig = figure(meta['rows'], 'test')
+    fig = runpy.run_path(str(REPO / 'benchmark_inference_time.py'))['figure'](meta['rows'], 'test')
     assert [ax.get_title() for ax in fig.axes] == ['single-token latency', 'cumulative latency', 'memory']
 
 
@@ -77,11 +76,16 @@ def test_decode_benchmark(tmp_path):
 
 
 @pytest.mark.parametrize('name', ['benchmark_inference_time.py', 'benchmarks/bench_train.py',
-                                  'benchmarks/bench_decode.py', 'benchmarks/bench_wkv.py', 'train.py', 'sample.py'])
-def test_help_documents_every_option(name, tmp_path):
+                                  'benchmarks/bench_decode.py', 'benchmarks/bench_wkv.py', 'train.py', 'sample.py',
+                                  'export.py', 'data/shakespeare_char/prepare.py', 'data/shakespeare/prepare.py',
+                                  'data/openwebtext/prepare.py', 'data/openwebtext_neox/prepare.py',
+                                  'data/tinystories/prepare.py'])
+def test_help_documents_every_option(name, tmp_path, monkeypatch):
     out = script(name, '--help', cwd=tmp_path)
-    sys.path.insert(0, str(REPO / Path(name).parent))
-    import importlib
-    module = importlib.import_module(Path(name).stem)
-    for key in module.DEFAULTS:
-        assert any(line.strip().startswith((f'{key}=', f'{key} =')) for line in out.splitlines()), key
+    monkeypatch.setattr(sys, 'path', list(sys.path))  # the data scripts put the repository root on it
+    module = runpy.run_path(str(REPO / name))  # not as __main__: only the definitions run
+    options = module.get('OPTIONS') or module['DOCUMENT_OPTIONS']
+    assert out.startswith(module['__doc__'].strip())
+    for key, option in options.items():
+        assert f'  {key} = {option.default!r}  # {option.help}' in out, key
+    assert not list(tmp_path.iterdir())  # --help prepared, trained or wrote nothing

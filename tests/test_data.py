@@ -3,14 +3,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_train import one_line_error
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, one_line_error
 
 
 def word_tokenizer(path, words):
@@ -57,12 +54,10 @@ def test_openwebtext_prepare_bad_inputs(tmp_path):
 
 def test_tinystories_prepare_uses_both_hub_splits(tmp_path, monkeypatch):
     # the hub is replaced by local streams (no network); what is checked is that each split goes to its own file
+    # the script itself runs (in this process, so the hub can be replaced); sys.path and argv are restored after
     pytest.importorskip('datasets')
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('tinystories_prepare', REPO / 'data/tinystories/prepare.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    owt = module.owt
+    import runpy
+    from data import common
     words = ['once', 'upon', 'a', 'time']
     vocab = word_tokenizer(tmp_path / 'tok.json', words)
     stories = {'train': ['once upon a time', 'a time'], 'validation': ['upon upon']}
@@ -71,9 +66,11 @@ def test_tinystories_prepare_uses_both_hub_splits(tmp_path, monkeypatch):
     def fake_documents(source, hub_name, split='train'):
         seen.append((hub_name, split))
         return [{'text': t} for t in stories[split]]
-    monkeypatch.setattr(owt, 'documents', fake_documents)
-    owt.main([f'--tokenizer={tmp_path / "tok.json"}', f'--out_dir={tmp_path / "ts"}', '--num_proc=1'],
-             hub_name='roneneldan/TinyStories', name='tinystories', hub_splits={'train': 'train', 'val': 'validation'})
+    monkeypatch.setattr(common, 'documents', fake_documents)
+    monkeypatch.setattr(sys, 'path', list(sys.path))
+    monkeypatch.setattr(sys, 'argv', ['prepare.py', f'--tokenizer={tmp_path / "tok.json"}',
+                                      f'--out_dir={tmp_path / "ts"}', '--num_proc=1'])
+    runpy.run_path(str(REPO / 'data/tinystories/prepare.py'), run_name='__main__')
     assert seen == [('roneneldan/TinyStories', 'train'), ('roneneldan/TinyStories', 'validation')]
     for split, hub in (('train', 'train'), ('val', 'validation')):
         expect = [i for t in stories[hub] for i in [vocab[w] for w in t.split()] + [0]]

@@ -13,16 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_train import REPO, one_line_error, run, tiny_args
-
-
-def loss_lines(stdout):
-    """{iteration: logged loss} from train.py's output."""
-    return {int(i): float(v) for i, v in re.findall(r'iter (\d+): loss ([-\d.naif]+)', stdout)}
-
-
-def args(model_type, data, out, max_iters, *extra):
-    return [*tiny_args(model_type, data, out, max_iters), '--log_interval=1', '--eval_interval=6', *extra]
+from helpers import REPO, args, loss_lines, one_line_error, run
 
 
 @pytest.mark.parametrize('model_type', ['gpt', 'rwkv'])

@@ -2,33 +2,12 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import train
-from train import DEFAULTS, ConfigError, parse_config
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run(script, *args, cwd=None):
-    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=600)
-
-
-def tiny_args(model_type, data_dir, out_dir, max_iters):
-    return [f'--model_type={model_type}', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--device=cpu',
-            '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=8',
-            '--gradient_accumulation_steps=2', f'--max_iters={max_iters}', '--eval_interval=30', '--eval_iters=5',
-            '--learning_rate=3e-3', '--warmup_iters=5', '--lr_decay_iters=90', '--min_lr=3e-4', '--log_interval=10',
-            '--always_save_checkpoint=True', '--wkv_backend=torch', '--peak_flops=1e11']
-
-
-def eval_lines(stdout):
-    return [(int(s), float(t), float(v)) for s, t, v in
-            re.findall(r'step (\d+): train loss ([\d.]+), val loss ([\d.]+)', stdout)]
+from checkpoint import model_from_checkpoint
+from helpers import REPO, eval_lines, one_line_error, run, tiny_args
 
 
 @pytest.fixture(scope='module', params=['gpt', 'rwkv'])
@@ -102,13 +81,6 @@ def test_sample_rwkv_rnn_and_parallel_greedy_agree(trained, tmp_path):
     assert outs[0] == outs[1] and outs[0].startswith('hgfe dcba')
 
 
-def one_line_error(r, script, fragment):
-    assert r.returncode != 0
-    assert 'Traceback' not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert lines[-1].startswith(f'{script}: error:') and fragment in lines[-1], r.stderr
-
-
 def test_sample_bad_inputs(trained, tmp_path):
     _, out, _ = trained
     one_line_error(run('sample.py', f'--out_dir={tmp_path}'), 'sample.py', 'no checkpoint at')
@@ -119,41 +91,12 @@ def test_sample_bad_inputs(trained, tmp_path):
     one_line_error(run('sample.py', f'--out_dir={tmp_path}'), 'sample.py', 'not a readable nanoRWKV checkpoint')
 
 
-def test_config_file_and_overrides(tmp_path):
-    cfg = tmp_path / 'cfg.py'
-    cfg.write_text("import math\nbatch_size = 4\nlearning_rate = 1  # an int may stand for a float\n"
-                   "model_type = 'gpt'\n")
-    c = parse_config(DEFAULTS, [str(cfg), '--batch_size=8', '--min_lr=0', '--compile=True', '--dataset=foo'])
-    assert c['batch_size'] == 8 and c['model_type'] == 'gpt' and c['dataset'] == 'foo' and c['compile'] is True
-    assert c['learning_rate'] == 1.0 and type(c['learning_rate']) is float and type(c['min_lr']) is float
-    assert DEFAULTS['batch_size'] == 12  # the defaults are not modified
-
-
-@pytest.mark.parametrize('argv,fragment', [
-    (['--learnig_rate=1e-3'], "unknown config key 'learnig_rate' in --learnig_rate; did you mean 'learning_rate'?"),
-    (['--batch_size=1.5'], "config key 'batch_size' in --batch_size expects int, got 1.5 (float)"),
-    (['--compile=yes'], "expects bool, got 'yes'"),
-    (['--max_iters'], 'must look like --key=value'),
-    (['config/does_not_exist.py'], 'config file config/does_not_exist.py not found'),
-])
-def test_config_errors(argv, fragment):
-    with pytest.raises(ConfigError) as e:
-        parse_config(DEFAULTS, argv)
-    assert fragment in str(e.value)
-
-
-def test_config_file_unknown_key(tmp_path):
-    cfg = tmp_path / 'cfg.py'
-    cfg.write_text("n_embed = 128\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'n_embed' in .*cfg.py; did you mean 'n_embd'\?"):
-        parse_config(DEFAULTS, [str(cfg)])
-
-
 def test_train_errors_are_one_line(tmp_path):
     one_line_error(run('train.py', '--n_layr=2'), 'train.py', "did you mean 'n_layer'?")
-    one_line_error(run('train.py', f'--data_dir={tmp_path}', '--device=cpu'), 'train.py',
-                   'train.bin not found in')
-    one_line_error(run('train.py', '--model_type=lstm'), 'train.py', "model_type must be 'gpt' or 'rwkv'")
+    one_line_error(run('train.py', f'--data_dir={tmp_path}', f'--out_dir={tmp_path / "out"}', '--device=cpu'),
+                   'train.py', 'train.bin not found in')
+    one_line_error(run('train.py', '--model_type=lstm'), 'train.py', "model_type must be one of 'rwkv', 'gpt'")
+    assert not (REPO / 'out').exists()  # nothing written into the repository
 
 
 def test_train_prepares_missing_dataset(tmp_path):
@@ -185,7 +128,7 @@ def test_export_checkpoint(trained, tmp_path):
     cls = transformers.RwkvForCausalLM if model_type == 'rwkv' else transformers.GPT2LMHeadModel
     ref = cls.from_pretrained(tmp_path / 'hf').eval()
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
-    model = train.model_from_checkpoint(ckpt).eval()
+    model = model_from_checkpoint(ckpt).eval()
     idx = torch.randint(0, 10, (1, 20))
     with torch.no_grad():
         assert (model.prefill(idx)[0] - ref(idx).logits).abs().max() <= 1e-4

@@ -10,11 +10,9 @@ import pytest
 import torch
 
 import wkv_cuda
-from test_wkv import (check_chunked_equals_whole, check_gradcheck, grads, make_inputs, nonlinear_loss, oracle,
-                      random_state)
+from helpers import (REPO, args, check_chunked_equals_whole, check_gradcheck, grads, loss_lines, make_inputs,
+                     nonlinear_loss, oracle, random_state, tiny_rwkv)
 from wkv_cuda import wkv
-
-REPO = Path(__file__).resolve().parents[1]
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 
 
@@ -176,7 +174,6 @@ def test_kernel_under_torch_compile_has_no_graph_break():
 
 
 def test_rwkv_model_modes_agree_with_cpu_kernel():
-    from test_models import tiny_rwkv
     model = tiny_rwkv(torch.float64, wkv_backend='cpu')
     idx = torch.randint(0, 37, (2, 13), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -200,30 +197,29 @@ def test_cuda_extension_compiles_and_links(tmp_path):
     # GPU or not: a broken kernel fails here, in CI, before it reaches a GPU
     env = dict(os.environ, CUDA_HOME=find_nvcc(), TORCH_CUDA_ARCH_LIST=os.environ.get('TORCH_CUDA_ARCH_LIST', '9.0'),
                MAX_JOBS='2')
-    code = ("import sys; sys.path.insert(0, %r); import wkv_cuda; "
-            "m = wkv_cuda.build_extension('cuda', build_directory=%r); print('built', m.forward.__doc__)"
-            % (str(REPO), str(tmp_path)))
-    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=1500)
+    code = ("import wkv_cuda; m = wkv_cuda.build_extension('cuda', build_directory=%r); "
+            "print('built', m.forward.__doc__)" % str(tmp_path))
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=1500, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'WKV forward' in r.stdout
     assert list(tmp_path.glob('nanorwkv_wkv_cuda*.so'))
 
 
-def test_cpu_kernel_under_ddp(tmp_path):
-    # two gloo processes train the RWKV with the compiled kernel through DDP to a checkpoint
-    from test_train import tiny_args
-    data = tmp_path / 'data'
-    data.mkdir()
-    ids = (torch.arange(6000) * 7 % 13).to(torch.int16).numpy().astype('uint16')
-    ids[:5000].tofile(data / 'train.bin')
-    ids[5000:].tofile(data / 'val.bin')
-    args = tiny_args('rwkv', data, tmp_path / 'out', 10) + ['--wkv_backend=cpu', '--eval_interval=10']
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        str(REPO / 'train.py'), *args], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert 'step 10: train loss' in r.stdout
-    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
-    assert ckpt['iter_num'] == 11 and ckpt['model_type'] == 'rwkv'  # 0..10 done, saved at the end
+def test_cpu_kernel_under_ddp_matches_one_process(dataset, tmp_path):
+    # two gloo processes train the RWKV with the compiled kernel through DDP: the same losses as one process that
+    # accumulates both micro-batches (the data order depends on the iteration alone)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    one = subprocess.run([sys.executable, str(REPO / 'train.py'), *args('rwkv', dataset, tmp_path / 'one', 6),
+                          '--wkv_backend=cpu'], capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          str(REPO / 'train.py'), *args('rwkv', dataset, tmp_path / 'two', 6), '--wkv_backend=cpu'],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    a, b = loss_lines(one.stdout), loss_lines(two.stdout)
+    assert sorted(a) == sorted(b) == list(range(7))
+    for i in a:
+        assert b[i] == pytest.approx(a[i], rel=1e-5), i
 
 
 def test_benchmark_script_runs(tmp_path):

@@ -130,7 +130,15 @@ class WKVTorch(torch.autograd.Function):
 def build_extension(kind, build_directory=None, verbose=False):
     """Compile (or load from torch's extension cache) the 'cpu' or 'cuda' kernels. Sources are found next to this
     file, so any working directory works. The CUDA build also contains the CPU kernel."""
-    from torch.utils.cpp_extension import load
+    import logging
+    log = logging.getLogger('torch.utils.cpp_extension')
+    level = log.level
+    if kind == 'cpu':  # its import-time "No CUDA runtime is found, using CUDA_HOME=..." concerns CUDA builds only
+        log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        log.setLevel(level)
     sources = [HERE / 'wkv_op.cpp', HERE / 'wkv_cpu.cpp']
     # -ffast-math lets gcc vectorise expf through glibc's libmvec; the recurrence never produces inf or NaN
     cflags = ['-O3', '-fopenmp', '-ffast-math']

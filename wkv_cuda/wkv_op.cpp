@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <type_traits>
 #include <vector>
 
 #include "wkv.h"
@@ -55,9 +56,21 @@ Shape check_inputs(const torch::Tensor &w, const torch::Tensor &u, const torch::
 
 #ifdef WKV_WITH_CUDA
 void check_launch(const char *err) { TORCH_CHECK(err == nullptr, "wkv: CUDA kernel launch failed: ", err); }
+#endif
 
 template <typename P>
 P *ptr(const torch::Tensor &t) { return reinterpret_cast<P *>(t.data_ptr()); }
+
+// How the kernels see the element type of k and v (IN) and the accumulator type (ACC): bfloat16 travels as its raw
+// bits (the .cu converts) and accumulates in float; float and double are themselves.
+template <typename T> struct Raw { using type = T; };
+template <> struct Raw<at::BFloat16> { using type = uint16_t; };
+template <typename T> using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+#ifndef WKV_WITH_CUDA
+[[noreturn]] void no_cuda() {
+    TORCH_CHECK(false, "wkv: this build of the kernels has no CUDA; use wkv_backend='cuda' to build the CUDA one");
+}
 #endif
 }  // namespace
 
@@ -66,35 +79,25 @@ std::vector<torch::Tensor> forward(torch::Tensor w, torch::Tensor u, torch::Tens
     const auto s = check_inputs(w, u, k, v, aa, bb, pp);
     auto y = torch::empty_like(k);
     auto aa_out = torch::empty_like(aa), bb_out = torch::empty_like(bb), pp_out = torch::empty_like(pp);
-    if (k.is_cuda()) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, k.scalar_type(), "wkv_forward", [&] {
+        using IN = typename Raw<scalar_t>::type;
+        using ACC = Acc<scalar_t>;
+        if (k.is_cuda()) {
 #ifdef WKV_WITH_CUDA
-        const c10::cuda::CUDAGuard guard(k.device());
-        void *stream = c10::cuda::getCurrentCUDAStream().stream();
-        const auto in = k.scalar_type();
-#define WKV_FWD(IN, ACC)                                                                                      \
-    check_launch(wkv_forward_cuda<IN, ACC>(s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u),     \
-                                           ptr<const IN>(k), ptr<const IN>(v), ptr<const ACC>(aa), \
-                                           ptr<const ACC>(bb), ptr<const ACC>(pp), ptr<IN>(y),     \
-                                           ptr<ACC>(aa_out), ptr<ACC>(bb_out), ptr<ACC>(pp_out),   \
-                                           stream))
-        if (in == at::kFloat) WKV_FWD(float, float);
-        else if (in == at::kDouble) WKV_FWD(double, double);
-        else WKV_FWD(uint16_t, float);
-#undef WKV_FWD
+            const c10::cuda::CUDAGuard guard(k.device());
+            check_launch(wkv_forward_cuda<IN, ACC>(s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u),
+                                                   ptr<const IN>(k), ptr<const IN>(v), ptr<const ACC>(aa),
+                                                   ptr<const ACC>(bb), ptr<const ACC>(pp), ptr<IN>(y), ptr<ACC>(aa_out),
+                                                   ptr<ACC>(bb_out), ptr<ACC>(pp_out), c10::cuda::getCurrentCUDAStream().stream()));
 #else
-        TORCH_CHECK(false, "wkv: this build of the kernels has no CUDA; use wkv_backend='cuda' to build the CUDA one");
+            no_cuda();
 #endif
-    } else if (k.scalar_type() == at::kFloat) {
-        wkv_forward_cpu<float>(s.B, s.T, s.C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
-                               v.data_ptr<float>(), aa.data_ptr<float>(), bb.data_ptr<float>(), pp.data_ptr<float>(),
-                               y.data_ptr<float>(), aa_out.data_ptr<float>(), bb_out.data_ptr<float>(),
-                               pp_out.data_ptr<float>());
-    } else {
-        wkv_forward_cpu<double>(s.B, s.T, s.C, w.data_ptr<double>(), u.data_ptr<double>(), k.data_ptr<double>(),
-                                v.data_ptr<double>(), aa.data_ptr<double>(), bb.data_ptr<double>(),
-                                pp.data_ptr<double>(), y.data_ptr<double>(), aa_out.data_ptr<double>(),
-                                bb_out.data_ptr<double>(), pp_out.data_ptr<double>());
-    }
+        } else if constexpr (std::is_same_v<IN, ACC>) {  // the CPU kernel: float and double (check_inputs said so)
+            wkv_forward_cpu<ACC>(s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u), ptr<const ACC>(k),
+                                 ptr<const ACC>(v), ptr<const ACC>(aa), ptr<const ACC>(bb), ptr<const ACC>(pp),
+                                 ptr<ACC>(y), ptr<ACC>(aa_out), ptr<ACC>(bb_out), ptr<ACC>(pp_out));
+        }
+    });
     return {y, aa_out, bb_out, pp_out};
 }
 
@@ -109,41 +112,29 @@ std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Ten
     auto gw = torch::empty_like(aa), gu = torch::empty_like(aa);
     auto gk = torch::empty_like(k), gv = torch::empty_like(v);
     auto gaa = torch::empty_like(aa), gbb = torch::empty_like(aa), gpp = torch::empty_like(aa);
-    if (k.is_cuda()) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, k.scalar_type(), "wkv_backward", [&] {
+        using IN = typename Raw<scalar_t>::type;
+        using ACC = Acc<scalar_t>;
+        if (k.is_cuda()) {
 #ifdef WKV_WITH_CUDA
-        const c10::cuda::CUDAGuard guard(k.device());
-        auto scratch = torch::empty({3, s.B, s.T, s.C}, aa.options());
-        void *stream = c10::cuda::getCurrentCUDAStream().stream();
-        const auto in = k.scalar_type();
-#define WKV_BWD(IN, ACC)                                                                                         \
-    check_launch(wkv_backward_cuda<IN, ACC>(                                                                     \
-        s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u), ptr<const IN>(k),                   \
-        ptr<const IN>(v), ptr<const ACC>(aa), ptr<const ACC>(bb), ptr<const ACC>(pp),         \
-        ptr<const IN>(gy), ptr<const ACC>(gaa_out), ptr<const ACC>(gbb_out), ptr<ACC>(gw),    \
-        ptr<ACC>(gu), ptr<IN>(gk), ptr<IN>(gv), ptr<ACC>(gaa), ptr<ACC>(gbb),            \
-        ptr<ACC>(gpp), ptr<ACC>(scratch), stream))
-        if (in == at::kFloat) WKV_BWD(float, float);
-        else if (in == at::kDouble) WKV_BWD(double, double);
-        else WKV_BWD(uint16_t, float);
-#undef WKV_BWD
+            const c10::cuda::CUDAGuard guard(k.device());
+            auto scratch = torch::empty({3, s.B, s.T, s.C}, aa.options());
+            check_launch(wkv_backward_cuda<IN, ACC>(
+                s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u), ptr<const IN>(k), ptr<const IN>(v),
+                ptr<const ACC>(aa), ptr<const ACC>(bb), ptr<const ACC>(pp), ptr<const IN>(gy), ptr<const ACC>(gaa_out),
+                ptr<const ACC>(gbb_out), ptr<ACC>(gw), ptr<ACC>(gu), ptr<IN>(gk), ptr<IN>(gv), ptr<ACC>(gaa),
+                ptr<ACC>(gbb), ptr<ACC>(gpp), ptr<ACC>(scratch), c10::cuda::getCurrentCUDAStream().stream()));
 #else
-        TORCH_CHECK(false, "wkv: this build of the kernels has no CUDA; use wkv_backend='cuda' to build the CUDA one");
+            no_cuda();
 #endif
-    } else if (k.scalar_type() == at::kFloat) {
-        wkv_backward_cpu<float>(s.B, s.T, s.C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
-                                v.data_ptr<float>(), aa.data_ptr<float>(), bb.data_ptr<float>(),
-                                pp.data_ptr<float>(), gy.data_ptr<float>(), gaa_out.data_ptr<float>(),
-                                gbb_out.data_ptr<float>(), gw.data_ptr<float>(), gu.data_ptr<float>(),
-                                gk.data_ptr<float>(), gv.data_ptr<float>(), gaa.data_ptr<float>(),
-                                gbb.data_ptr<float>(), gpp.data_ptr<float>());
-    } else {
-        wkv_backward_cpu<double>(s.B, s.T, s.C, w.data_ptr<double>(), u.data_ptr<double>(), k.data_ptr<double>(),
-                                 v.data_ptr<double>(), aa.data_ptr<double>(), bb.data_ptr<double>(),
-                                 pp.data_ptr<double>(), gy.data_ptr<double>(), gaa_out.data_ptr<double>(),
-                                 gbb_out.data_ptr<double>(), gw.data_ptr<double>(), gu.data_ptr<double>(),
-                                 gk.data_ptr<double>(), gv.data_ptr<double>(), gaa.data_ptr<double>(),
-                                 gbb.data_ptr<double>(), gpp.data_ptr<double>());
-    }
+        } else if constexpr (std::is_same_v<IN, ACC>) {
+            wkv_backward_cpu<ACC>(s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u), ptr<const ACC>(k),
+                                  ptr<const ACC>(v), ptr<const ACC>(aa), ptr<const ACC>(bb), ptr<const ACC>(pp),
+                                  ptr<const ACC>(gy), ptr<const ACC>(gaa_out), ptr<const ACC>(gbb_out), ptr<ACC>(gw),
+                                  ptr<ACC>(gu), ptr<ACC>(gk), ptr<ACC>(gv), ptr<ACC>(gaa), ptr<ACC>(gbb),
+                                  ptr<ACC>(gpp));
+        }
+    });
     return {gw.sum(0), gu.sum(0), gk, gv, gaa, gbb, gpp};
 }
 

@@ -1,0 +1,292 @@
+"""
+Checkpoints: the crash-safe files train.py writes, the models they hold, the checks a resumed run must pass, and
+pretrained models from elsewhere (the Hugging Face hub, a Hugging Face directory, an official RWKV-4 .pth).
+
+A run writes out_dir/ckpt-<iter>.pt (ckpt.pt is a hard link to the newest). Each checkpoint holds the weights, the
+optimizer and grad-scaler state, model_type and model_args, the full run config, the iteration, the best val loss,
+the tokenizer, every rank's RNG states, the run's id and a fingerprint of its train.bin.
+"""
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from configurator import ConfigError
+
+# ---------------------------------------------------------------------------------------------------------------------
+# writing and finding checkpoints
+
+
+def new_run_id():
+    return uuid.uuid4().hex[:12]
+
+
+def fsync_dir(directory):
+    """Make renames in `directory` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_files(out_dir):
+    """ckpt-<iter>.pt files in out_dir, newest first."""
+    files = [f for f in Path(out_dir).glob('ckpt-*.pt') if f.stem[5:].isdigit()]
+    return sorted(files, key=lambda f: int(f.stem[5:]), reverse=True)
+
+
+def run_id_of(path):
+    """The run id recorded in a checkpoint file, or None (older checkpoints, unreadable files). The tensors are
+    memory-mapped, not read."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('run_id')
+    except Exception:  # a damaged or foreign file belongs to no run of ours
+        return None
+
+
+def save_checkpoint(ckpt, out_dir, keep_last):
+    """Crash-safe: written to a temporary file, fsynced, renamed to ckpt-<iter>.pt (a rename is atomic), the directory
+    fsynced; then ckpt.pt is pointed at it (a hard link swapped in by rename) and this run's checkpoints but the
+    newest keep_last are deleted (never another run's). A crash at any moment leaves every ckpt*.pt complete; a
+    stray *.tmp is removed by the next save. A failed write (disk full, file-size limit) removes its temporary file,
+    leaves every earlier checkpoint as it was, and raises OSError naming the file."""
+    out_dir = Path(out_dir)
+    for stale in out_dir.glob('ckpt*.tmp'):
+        stale.unlink()
+    path = out_dir / f"ckpt-{ckpt['iter_num']:08d}.pt"
+    tmp = out_dir / f'{path.name}.tmp'
+    latest = out_dir / 'ckpt.pt.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        try:
+            os.link(path, latest)
+        except OSError:  # no hard links here (some network filesystems): a copy
+            shutil.copyfile(path, latest)
+        os.replace(latest, out_dir / 'ckpt.pt')
+        fsync_dir(out_dir)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError of its zip writer
+        for f in (tmp, latest):
+            f.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise OSError(f"could not write the checkpoint {path} ({reason})") from e
+    mine = [f for f in checkpoint_files(out_dir) if run_id_of(f) == ckpt['run_id']]
+    for old in mine[max(keep_last, 1):]:
+        old.unlink()
+
+
+def load_checkpoint(path, device):
+    """Load a checkpoint written by train.py; never unpickles code (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}; train one first, e.g. python train.py "
+                          f"config/train_shakespeare_char.py")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or foreign files; say which file and why
+        raise ConfigError(f"{path} is not a readable nanoRWKV checkpoint ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(ckpt, dict) or not {'model', 'model_type', 'model_args'} <= set(ckpt):
+        raise ConfigError(f"{path} is not a nanoRWKV checkpoint (expected keys model, model_type, model_args)")
+    return ckpt
+
+
+def has_checkpoints(out_dir):
+    return any(Path(out_dir).glob('ckpt*.pt'))
+
+
+def load_latest_checkpoint(out_dir, device):
+    """(checkpoint, path) of the newest checkpoint in out_dir that loads; a damaged one is reported and skipped."""
+    candidates = checkpoint_files(out_dir) + [Path(out_dir) / 'ckpt.pt']  # ckpt.pt alone: older runs
+    errors = []
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            return load_checkpoint(path, device), path
+        except ConfigError as e:
+            errors.append(str(e))
+            print(f"skipping {path}: {e}", file=sys.stderr)
+    if errors:
+        raise ConfigError(f"no intact checkpoint in {out_dir}: {errors[0]}")
+    return load_checkpoint(Path(out_dir) / 'ckpt.pt', device), None  # raises the usual "no checkpoint" error
+
+
+def move_aside(out_dir):
+    """Move out_dir's checkpoints into a new out_dir/replaced-<time>/ (train.py --overwrite=True); returns it."""
+    out_dir = Path(out_dir)
+    dest = out_dir / time.strftime('replaced-%Y%m%d-%H%M%S')
+    n = 0
+    while dest.exists():  # two overwrites in one second
+        n += 1
+        dest = out_dir / f"{time.strftime('replaced-%Y%m%d-%H%M%S')}-{n}"
+    dest.mkdir()
+    for f in out_dir.glob('ckpt*.pt'):
+        os.replace(f, dest / f.name)
+    fsync_dir(out_dir)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# models in checkpoints, and what a resumed run must agree with
+
+def build_model(model_type, model_args):
+    """A fresh model of either type from its config dict (as stored in checkpoints)."""
+    try:
+        if model_type == 'gpt':
+            from model_gpt import GPT, GPTConfig
+            return GPT(GPTConfig(**model_args))
+        if model_type == 'rwkv':
+            from model_rwkv import RWKV, RWKVConfig
+            return RWKV(RWKVConfig(**model_args))
+    except ValueError as e:  # the configs check their own values with one-line messages
+        raise ConfigError(str(e)) from e
+    raise ConfigError(f"model_type must be 'gpt' or 'rwkv', got '{model_type}'")
+
+
+def model_from_checkpoint(ckpt):
+    model = build_model(ckpt['model_type'], ckpt['model_args'])
+    prefix = '_orig_mod.'  # left by torch.compile
+    model.load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in ckpt['model'].items()})
+    return model
+
+
+def data_fingerprint(path):
+    """Size and a hash of the first, middle and last MiB of a .bin file: cheap for any size, and different for data
+    that was prepared again, appended to or truncated."""
+    size = path.stat().st_size
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, 'rb') as f:
+        for at in (0, max(size // 2 - 2 ** 19, 0), max(size - 2 ** 20, 0)):
+            f.seek(at)
+            h.update(f.read(2 ** 20))
+    return {'size': size, 'blake2b': h.hexdigest()}
+
+
+ARCH_KEYS = {'gpt': ('n_layer', 'n_embd', 'n_head', 'block_size', 'bias'), 'rwkv': ('n_layer', 'n_embd', 'block_size')}
+
+
+def check_resume(cfg, given, ckpt, path, train_bin):
+    """The run's settings against the checkpoint's: a model key not given takes the checkpoint's value, a key given
+    another value is an error (a resumed run cannot change the architecture), and the training data must be the
+    same file it was trained on."""
+    kind = ckpt['model_type']
+    if cfg.model_type != kind and 'model_type' in given:
+        raise ConfigError(f"{path} holds a '{kind}' model but model_type='{cfg.model_type}'; resume it with the "
+                          f"config it was trained with, or use another --out_dir")
+    cfg.model_type = kind
+    for key in ARCH_KEYS[kind]:
+        theirs = ckpt['model_args'][key]
+        if getattr(cfg, key) != theirs and key in given:
+            raise ConfigError(f"{path} was trained with {key}={theirs!r} but this run has {key}={getattr(cfg, key)!r}; "
+                              f"resume with the config it was trained with, or use another --out_dir")
+        setattr(cfg, key, theirs)
+    recorded = ckpt.get('data')  # checkpoints from before fingerprints have none
+    if recorded is not None and recorded != data_fingerprint(train_bin):
+        raise ConfigError(f"{train_bin} is not the file {path} was trained on (it was {recorded['size']:,} bytes, it "
+                          f"is {train_bin.stat().st_size:,} now, or its contents changed); restore that data, or start"
+                          f" a new run in another --out_dir")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pretrained models from elsewhere
+
+def hub_or_local(name_or_path, hub_names):
+    """A local directory or file as given, or a hub model (one of hub_names) downloaded to the local cache. Offline,
+    a hub name fails with one line that says a local path works."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    if name_or_path not in hub_names:
+        raise ValueError(f"{name_or_path} is neither a local path nor a known model; expected a Hugging Face format "
+                         f"directory, a file, or one of {', '.join(hub_names)}")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=['config.json', '*.safetensors', '*.bin',
+                                                                    '*.json']))
+    except Exception as e:  # the hub client raises many types (connection, HTTP, missing repo): say which, and why
+        raise ValueError(f"could not download {name_or_path} from the Hugging Face hub ({type(e).__name__}); "
+                         f"a local path works too: a directory with config.json and model weights") from e
+
+
+def load_hf_directory(directory):
+    """(config dict, state dict) of a Hugging Face format directory: config.json and model.safetensors or
+    pytorch_model.bin (sharded ones too). The weights are read without running any pickled code."""
+    directory = Path(directory)
+    if not (directory / 'config.json').is_file():
+        raise ValueError(f"{directory} has no config.json: not a Hugging Face format model directory")
+    config = json.loads((directory / 'config.json').read_text())
+    state = {}
+    files = sorted(directory.glob('*.safetensors'))
+    if files:
+        from safetensors.torch import load_file
+        for f in files:
+            state.update(load_file(f))
+    else:
+        files = sorted(directory.glob('pytorch_model*.bin'))
+        for f in files:
+            state.update(torch.load(f, map_location='cpu', weights_only=True))
+    if not files:
+        raise ValueError(f"{directory} has no model.safetensors or pytorch_model.bin")
+    return config, state
+
+
+def load_state_checked(model, state, source):
+    """Copy `state` into model: the key sets and every shape must match exactly."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if v.shape != own[k].shape:
+                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            own[k].copy_(v)
+
+
+def load_pretrained(init_from, wkv_backend='auto'):
+    """(model, model type, tokenizer spec) for a pretrained model: gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face format
+    directory (RWKV or GPT-2) or an official RWKV-4 .pth. Errors are ConfigErrors of one line."""
+    from model_gpt import GPT
+    from model_rwkv import RWKV
+    path = Path(init_from)
+    try:
+        if init_from in GPT.HUB_NAMES:
+            return GPT.from_pretrained(init_from), 'gpt', {'tokenizer': 'gpt2'}
+        if init_from in RWKV.HUB_NAMES:
+            return RWKV.from_pretrained(init_from, wkv_backend), 'rwkv', {'tokenizer': 'neox'}
+        if path.is_file():
+            return RWKV.from_pretrained(path, wkv_backend), 'rwkv', {'tokenizer': 'neox'}  # official: a Pile model
+        if path.is_dir():
+            config = path / 'config.json'
+            model_type = json.loads(config.read_text()).get('model_type') if config.is_file() else None
+            if model_type not in ('rwkv', 'gpt2'):
+                raise ConfigError(f"{path} is not a Hugging Face RWKV or GPT-2 directory (config.json model_type: "
+                                  f"{model_type})")
+            # the tokenizer: what export.py recorded, else the directory's tokenizer.json, else the family's usual
+            if (path / 'nanorwkv_tokenizer.json').is_file():
+                spec = json.loads((path / 'nanorwkv_tokenizer.json').read_text())
+            elif (path / 'tokenizer.json').is_file():
+                spec = {'tokenizer': 'file', 'path': str(path / 'tokenizer.json')}
+            else:
+                spec = {'tokenizer': 'neox' if model_type == 'rwkv' else 'gpt2'}
+            if model_type == 'rwkv':
+                return RWKV.from_pretrained(path, wkv_backend), 'rwkv', spec
+            return GPT.from_pretrained(path), 'gpt', spec
+    except ValueError as e:  # from_pretrained's errors are one line already
+        raise ConfigError(str(e)) from e
+    raise ConfigError(f"init_from={init_from!r}: expected {', '.join(GPT.HUB_NAMES)}, RWKV/rwkv-4-{{169m,430m,1b5,"
+                      f"3b,7b,14b}}-pile, a Hugging Face directory or an RWKV-4 .pth")
