@@ -54,6 +54,23 @@ def run_id_of(path):
         return None
 
 
+class WriteRecorder:
+    """A file's write() that keeps the OSError it raised (torch.save reports a failed write in its own words)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def save_checkpoint(ckpt, out_dir, keep_last):
     """Crash-safe: written to a temporary file, fsynced, renamed to ckpt-<iter>.pt (a rename is atomic), the directory
     fsynced; then ckpt.pt is pointed at it (a hard link swapped in by rename) and this run's checkpoints but the
@@ -68,7 +85,11 @@ def save_checkpoint(ckpt, out_dir, keep_last):
     latest = out_dir / 'ckpt.pt.tmp'
     try:
         with open(tmp, 'wb') as f:
-            torch.save(ckpt, f)
+            writer = WriteRecorder(f)
+            try:
+                torch.save(ckpt, writer)
+            except RuntimeError as e:  # torch's zip writer hides the file's own error behind its own message
+                raise (writer.error or e) from e
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -78,7 +99,7 @@ def save_checkpoint(ckpt, out_dir, keep_last):
             shutil.copyfile(path, latest)
         os.replace(latest, out_dir / 'ckpt.pt')
         fsync_dir(out_dir)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError of its zip writer
+    except (OSError, RuntimeError) as e:
         for f in (tmp, latest):
             f.unlink(missing_ok=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
@@ -143,18 +164,28 @@ def move_aside(out_dir):
 # ---------------------------------------------------------------------------------------------------------------------
 # models in checkpoints, and what a resumed run must agree with
 
-def build_model(model_type, model_args):
-    """A fresh model of either type from its config dict (as stored in checkpoints)."""
+def model_config(model_type, model_args):
+    """The config dataclass of either model from its dict (as stored in checkpoints); its own checks, as ConfigError."""
+    if model_type == 'gpt':
+        from model_gpt import GPTConfig as Config
+    elif model_type == 'rwkv':
+        from model_rwkv import RWKVConfig as Config
+    else:
+        raise ConfigError(f"model_type must be 'gpt' or 'rwkv', got '{model_type}'")
     try:
-        if model_type == 'gpt':
-            from model_gpt import GPT, GPTConfig
-            return GPT(GPTConfig(**model_args))
-        if model_type == 'rwkv':
-            from model_rwkv import RWKV, RWKVConfig
-            return RWKV(RWKVConfig(**model_args))
+        return Config(**model_args)
     except ValueError as e:  # the configs check their own values with one-line messages
         raise ConfigError(str(e)) from e
-    raise ConfigError(f"model_type must be 'gpt' or 'rwkv', got '{model_type}'")
+
+
+def build_model(model_type, model_args):
+    """A fresh model of either type from its config dict."""
+    config = model_config(model_type, model_args)
+    if model_type == 'gpt':
+        from model_gpt import GPT
+        return GPT(config)
+    from model_rwkv import RWKV
+    return RWKV(config)
 
 
 def model_from_checkpoint(ckpt):

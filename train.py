@@ -20,14 +20,15 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from checkpoint import (build_model, check_resume, checkpoint_files, data_fingerprint, has_checkpoints,
-                        load_latest_checkpoint, load_pretrained, model_from_checkpoint, move_aside, new_run_id,
-                        save_checkpoint)
+                        load_latest_checkpoint, load_pretrained, model_config, model_from_checkpoint, move_aside,
+                        new_run_id, save_checkpoint)
 from configurator import ConfigError, Option, parse_config
 from hardware import DEVICE, autocast_context, measure_peak_flops, resolve_device, resolve_dtype
 
@@ -106,7 +107,14 @@ def start_distributed(device_type):
     if 'RANK' not in os.environ:
         return 0, 0, 1
     rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-    torch.distributed.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+    # torchrun's agent keeps one store across restarts (--max-restarts) holding the previous attempt's addresses, to
+    # which a restarted gloo group tries to connect (and hangs): each attempt gets its own keys
+    agent_store = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+    store = torch.distributed.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world_size,
+                                       is_master=not agent_store and rank == 0, timeout=timedelta(minutes=30))
+    store = torch.distributed.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    torch.distributed.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo', store=store, rank=rank,
+                                         world_size=world_size)
     return rank, local_rank, world_size
 
 
@@ -164,27 +172,31 @@ def prepare_data(cfg, master):
     return ddir
 
 
-def init_model(cfg, given, init, meta, ddir):
+def new_model_args(cfg, vocab_size):
+    """The config of a model trained from scratch."""
+    if cfg.model_type == 'gpt':
+        return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                    bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)
+    # RWKV-v4neo initialises the embedding as U(-lr_init, lr_init)
+    return dict(n_layer=cfg.n_layer, n_embd=cfg.n_embd, block_size=cfg.block_size, vocab_size=vocab_size,
+                emb_init=cfg.learning_rate, wkv_backend=cfg.wkv_backend)
+
+
+def init_model(cfg, given, init, meta, ddir, master):
     """(model, checkpoint to resume from or None): a new model, the newest intact checkpoint in out_dir, or a
     pretrained model whose tokenizer must be the data's."""
     if init == 'scratch':
         vocab_size = meta['vocab_size'] if meta else 50257  # no meta.json: GPT-2 BPE
         if not meta or meta['tokenizer'] != 'char':
             vocab_size = -(-vocab_size // 64) * 64  # BPE: pad to a multiple of 64 for faster matmuls (GPT-2: 50304)
-        if cfg.model_type == 'gpt':
-            model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                              bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)
-        else:
-            # RWKV-v4neo initialises the embedding as U(-lr_init, lr_init)
-            model_args = dict(n_layer=cfg.n_layer, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                              vocab_size=vocab_size, emb_init=cfg.learning_rate, wkv_backend=cfg.wkv_backend)
-        return build_model(cfg.model_type, model_args), None
+        return build_model(cfg.model_type, new_model_args(cfg, vocab_size)), None
     if init == 'resume':
         checkpoint, path = load_latest_checkpoint(cfg.out_dir, 'cpu')
         check_resume(cfg, given, checkpoint, path, ddir / 'train.bin')
         if cfg.model_type == 'rwkv':
             checkpoint['model_args']['wkv_backend'] = cfg.wkv_backend  # a runtime choice, not part of the weights
-        print(f"resuming from {path} at iteration {checkpoint['iter_num']}")
+        if master:
+            print(f"resuming from {path} at iteration {checkpoint['iter_num']}")
         return model_from_checkpoint(checkpoint), checkpoint
     model, cfg.model_type, spec = load_pretrained(init, cfg.wkv_backend)
     data_tokenizer = (meta or {'tokenizer': 'gpt2'}).get('tokenizer')
@@ -311,6 +323,8 @@ def main(argv):
                           f"number of processes ({world_size})")
     if cfg.fsdp and 'RANK' not in os.environ:
         raise ConfigError("fsdp=True needs several processes: torchrun --nproc_per_node=N train.py ... --fsdp=True")
+    if cfg.init_from in ('scratch', 'auto'):
+        model_config(cfg.model_type, new_model_args(cfg, vocab_size=1))  # the model's own checks, before any work
     master = int(os.environ.get('RANK', 0)) == 0
     init = check_out_dir(cfg, master)
     rank, local_rank, world_size = start_distributed(device_type)
@@ -329,7 +343,7 @@ def main(argv):
 
     # model
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
-    model, checkpoint = init_model(cfg, given, init, meta, ddir)
+    model, checkpoint = init_model(cfg, given, init, meta, ddir, master)
     iter_num, best_val_loss = (checkpoint['iter_num'], checkpoint['best_val_loss']) if checkpoint else (0, 1e9)
     for split in ('train', 'val'):  # after init_model: a resumed run's block_size is the checkpoint's
         tokens = (ddir / f'{split}.bin').stat().st_size // 2
@@ -431,7 +445,8 @@ def main(argv):
                 if wandb:
                     wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
                                'mfu': running_mfu * 100})
-                save = (losses['val'] < best_val_loss or cfg.always_save_checkpoint) and iter_num > 0
+                # not at the first eval of a process: a fresh run has nothing to save, a resumed one has it saved
+                save = (losses['val'] < best_val_loss or cfg.always_save_checkpoint) and local_iter > 0
                 best_val_loss = min(best_val_loss, losses['val'])
             if world_size > 1:  # rank 0 decides, everyone takes part
                 flag = [save]

@@ -67,7 +67,7 @@ def test_torchrun_two_processes_match_one(model_type, sharding, dataset, tmp_pat
 
 def start(argv):
     return subprocess.Popen([sys.executable, str(REPO / 'train.py'), *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
@@ -84,43 +84,47 @@ def test_preemption_signal_saves_and_exits_zero(sig, dataset, tmp_path):
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == done + 1
 
 
-def test_sigkill_at_random_moments_never_corrupts(dataset, tmp_path):
-    # a checkpoint every iteration, so that many kills land in a write; after each kill every checkpoint on disk
-    # must load, and the next run resumes from the newest; the last run finishes, and every loss any run logged
-    # equals the uninterrupted run's loss for that iteration
+def test_sigkill_at_random_iterations_never_corrupts(dataset, tmp_path):
+    # a checkpoint every iteration, so that kills land in or near a write; each attempt is the same command
+    # (init_from='auto') and is SIGKILLed right after it logs an iteration chosen at random; after each kill every
+    # checkpoint on disk must load; the last attempt finishes, and every loss any attempt logged equals the
+    # uninterrupted run's loss for that iteration
     n = 40
     a = args('rwkv', dataset, tmp_path / 'ref', n, '--eval_interval=1', '--eval_iters=1', '--keep_last=2')
     ref = run('train.py', *a)
     assert ref.returncode == 0, ref.stderr
     want = loss_lines(ref.stdout)
     out = tmp_path / 'killed'
+    a = args('rwkv', dataset, out, n, '--eval_interval=1', '--eval_iters=1', '--keep_last=2', '--init_from=auto')
     rng = random.Random(0)
-    trials = resumes = in_write = 0
+    kills = in_write = 0
     got = {}
     while True:
-        a = args('rwkv', dataset, out, n, '--eval_interval=1', '--eval_iters=1', '--keep_last=2')
-        resuming = any(out.glob('ckpt*.pt'))
-        p = start(a + (['--init_from=resume'] if resuming else []))
-        resumes += resuming
-        try:
-            stdout, stderr = p.communicate(timeout=rng.uniform(2.0, 6.0))
-            assert p.returncode == 0, stderr
-            got.update(loss_lines(stdout))
-            break  # finished
-        except subprocess.TimeoutExpired:
-            p.kill()
-            stdout, _ = p.communicate()
-            # a killed process's piped output can end mid-line (block buffering): only complete lines count
-            got.update(loss_lines(stdout[:stdout.rfind('\n') + 1]))
-        trials += 1
+        # kill after this iteration's eval line (its checkpoint is being written then) or its loss line
+        target = max(got, default=-1) + rng.randint(1, 8)
+        mark = rng.choice([f'step {target}:', f'iter {target}:'])
+        p = subprocess.Popen([sys.executable, str(REPO / 'train.py'), *a], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+        for line in p.stdout:
+            got.update(loss_lines(line))
+            if line.startswith(mark):
+                p.kill()
+                break
+        p.stdout.read()
+        stderr = p.stderr.read()
+        p.wait()
+        if p.returncode == 0:
+            break  # finished before the chosen iteration
+        assert p.returncode == -signal.SIGKILL, stderr
+        kills += 1
         in_write += any(out.glob('*.tmp'))
         for f in out.glob('ckpt*.pt'):  # every checkpoint left behind is complete
             ckpt = torch.load(f, weights_only=True)
-            assert {'model', 'optimizer', 'iter_num', 'rng'} <= set(ckpt), f
-        assert trials < 30, 'the run never finished'
+            assert {'model', 'optimizer', 'iter_num', 'rng', 'run_id'} <= set(ckpt), f
+        assert kills < 30, 'the run never finished'
     assert got == want
-    print(f"\nSIGKILL trials {trials}, resumes {resumes}, kills during a checkpoint write {in_write}, corrupt 0")
-    assert trials >= 3
+    print(f"\nSIGKILL kills {kills}, kills with a checkpoint write under way {in_write}, corrupt 0")
+    assert kills >= 3
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoints(dataset, tmp_path):
