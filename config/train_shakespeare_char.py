@@ -4,7 +4,7 @@ out_dir = 'out-shakespeare-char'
 eval_interval = 250  # small data: evaluate often to see the (little) overfitting
 eval_iters = 20
 log_interval = 25
-always_save_checkpoint = False  # keep the best val loss only
+always_save_checkpoint = False  # checkpoint at an eval only when val improves (the end of the run always saves)
 
 dataset = 'shakespeare_char'
 gradient_accumulation_steps = 1

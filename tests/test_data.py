@@ -110,7 +110,8 @@ def test_shakespeare_bpe_prepare(tmp_path):
 
 def test_shakespeare_bpe_token_counts_match_nanogpt(tmp_path):
     # nanoGPT's README: "train.bin has 301,966 tokens, val.bin has 36,059 tokens". Needs the tiny shakespeare text
-    # and the GPT-2 ranks already on this machine (the suite does not download).
+    # and the GPT-2 ranks already in tokenizer.py's cache, which it then reads without asking tiktoken's server: the
+    # suite never downloads.
     from tokenizer import CACHE
     if not (REPO / 'data/shakespeare_char/input.txt').is_file() or not (CACHE / 'gpt2.tiktoken').is_file():
         pytest.skip('tiny shakespeare or the GPT-2 ranks are not on this machine')

@@ -158,13 +158,13 @@ def test_bad_inputs_each_get_one_line(dataset, tmp_path, monkeypatch):
     out = tmp_path / 'out'
     assert run('train.py', *args('gpt', data, out, 2)).returncode == 0
 
-    def check(fragment, *extra, data_dir=data, out_dir=out, model='gpt'):
+    def check(fragment, *extra, data_dir=data, out_dir=tmp_path / 'fresh', model='gpt'):
         one_line_error(run('train.py', *args(model, data_dir, out_dir, 4), *extra), 'train.py', fragment)
 
     check("did you mean 'learning_rate'?", '--learnig_rate=1')  # unknown key
     check("expects int, got 'many'", '--n_layer=many')  # ill-typed
-    check("holds a 'gpt' model but model_type='rwkv'", '--init_from=resume', model='rwkv')  # other model type
-    check('was trained with n_layer=2 but this run has n_layer=3', '--init_from=resume', '--n_layer=3')
+    check("holds a 'gpt' model but model_type='rwkv'", '--init_from=resume', model='rwkv', out_dir=out)  # other type
+    check('was trained with n_layer=2 but this run has n_layer=3', '--init_from=resume', '--n_layer=3', out_dir=out)
     check('use a smaller --block_size', '--block_size=100000')
     # a truncated .bin
     bad = tmp_path / 'truncated'

