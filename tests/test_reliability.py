@@ -268,3 +268,13 @@ def test_bad_setting_is_one_line(script, argv, fragment, tmp_path, dataset):
     name = Path(script).name
     one_line_error(run(script, *extra, *argv, cwd=tmp_path), name, fragment)
     assert not (tmp_path / 'out').exists()  # refused before anything ran
+
+
+def test_failing_kernel_build_is_one_line(dataset, tmp_path):
+    # an explicitly requested kernel that cannot be compiled (here: no working C++ compiler, an empty extension cache)
+    env = {**os.environ, 'TORCH_EXTENSIONS_DIR': str(tmp_path / 'ext'), 'CXX': '/bin/false'}
+    r = subprocess.run([sys.executable, str(REPO / 'train.py'), *args('rwkv', dataset, tmp_path / 'out', 2),
+                        '--wkv_backend=cpu'], capture_output=True, text=True, timeout=600, env=env)
+    one_line_error(r, 'train.py', "wkv_backend='cpu': the kernel failed to build:")
+    assert 'hint: pip install ninja and make sure a C++ compiler' in r.stderr
+    assert not list((tmp_path / 'out').glob('ckpt*'))
