@@ -31,21 +31,23 @@ from wkv_cuda import BACKENDS, initial_state, wkv, wkv_step
 class L2Wrap(torch.autograd.Function):
     """Identity on the loss; in backward adds a small gradient pushing each position's largest logit towards 0
     (RWKV-v4neo/src/model.py L2Wrap: factor 1e-4 / (B*T)). We scale that gradient by grad_output so that it stays
-    in proportion under gradient accumulation and fp16 loss scaling (RWKV-LM uses neither, so there it is the same)."""
+    in proportion under gradient accumulation and fp16 loss scaling (RWKV-LM uses neither, so there it is the same).
+    n_positions is the B*T of the whole sample when the logits are one segment of it (bptt.py)."""
 
     @staticmethod
-    def forward(ctx, loss, logits):
+    def forward(ctx, loss, logits, n_positions=None):
         ctx.save_for_backward(logits)
+        ctx.n_positions = n_positions or logits.shape[0] * logits.shape[1]
         return loss.clone()  # a new tensor, not the input itself (which autograd would treat as a view)
 
     @staticmethod
     def backward(ctx, grad_output):
         logits, = ctx.saved_tensors  # (B, T, V)
-        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
+        factor = 1e-4 / ctx.n_positions
         maxx, ids = torch.max(logits, -1, keepdim=True)
         glogits = torch.zeros_like(logits)
         glogits.scatter_(-1, ids, maxx * factor * grad_output)
-        return grad_output, glogits
+        return grad_output, glogits, None
 
 
 def channel_ramp(C):
@@ -258,8 +260,16 @@ class RWKV(nn.Module):
                 x = x / 2  # RWKV-v4neo/src/model_run.py RESCALE_LAYER: keeps fp16 activations in range
         return self.ln_out(x), State.stack(layers)
 
-    def forward(self, idx, targets=None):
-        x, _ = self._body(self.emb(idx), None, 'forward')  # (B, T, C)
+    def forward(self, idx, targets=None, state=None, n_tokens=None):
+        """idx, targets (B, T) -> logits (B, T, V) and the mean loss; without targets, the last position's logits.
+        A segment of a longer sample (bptt.py) passes the `state` it starts from and n_tokens, the sample's B * T:
+        then the return is (its summed loss / n_tokens, the state after it), so the segments' losses add up to the
+        sample's mean loss (and L2Wrap's gradient to the sample's) and no (T, C) or (T, V) tensor outlives it."""
+        x, new_state = self._body(self.emb(idx), state, 'forward')  # (B, T, C)
+        if state is not None:
+            logits = self.head(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction='sum') / n_tokens
+            return (L2Wrap.apply(loss, logits, n_tokens) if self.training else loss), new_state
         if targets is not None:
             logits = self.head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)

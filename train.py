@@ -19,12 +19,14 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bptt import evaluate, forward_backward
 from checkpoint import (build_model, check_resume, claim_out_dir, data_fingerprint, load_latest_checkpoint,
                         load_pretrained, model_config, model_from_checkpoint, new_run_id, save_checkpoint)
 from configurator import ConfigError, Option, parse_config
@@ -59,7 +61,13 @@ OPTIONS = dict(
     data_dir=Option('', "any folder with train.bin, val.bin and optionally meta.json; '' means data/<dataset>"),
     gradient_accumulation_steps=Option(5 * 8, "micro-steps per optimizer step, across all DDP ranks", '>= 1'),
     batch_size=Option(12, "micro-batch size", '>= 1'),
-    block_size=Option(1024, "context length in tokens", '>= 1'),
+    block_size=Option(1024, "context length in tokens: what the model sees at once", '>= 1'),
+    ctx_len=Option(0, "rwkv: training sample length in tokens, any length; 0 = block_size. Longer samples run in "
+                      "segments of block_size carrying the state (bptt.py)", '>= 0'),
+    bptt=Option('full', "ctx_len > block_size: 'full' (the exact full-length gradient, in the memory of one segment) "
+                        "or 'truncated' (no gradient across segment boundaries)", ('full', 'truncated')),
+    bptt_range=Option(0, "ctx_len > block_size: 0 = every segment learns; k = only the last k segments, the earlier "
+                         "ones only build the state", '>= 0'),
     # model
     model_type=Option('rwkv', "the model", ('rwkv', 'gpt')),
     n_layer=Option(12, "blocks", '>= 1'),
@@ -192,20 +200,26 @@ def train_offsets(seed, it, n_train, batch_size, grad_accum, rank, world_size):
 
 
 @torch.no_grad()
-def estimate_loss(model, cfg, ddir, vocab_size, device, ctx):
+def estimate_loss(model, initial_state, cfg, sample_len, ddir, vocab_size, device, ctx):
     """Mean loss over eval_iters batches of each split; the same batches every time (their own generator), so evals
-    are comparable and draw nothing from the training RNG."""
+    are comparable and draw nothing from the training RNG. Samples longer than block_size run in segments carrying
+    the state; then 'val_reset' is the val loss of the same tokens with the state reset at every segment: what the
+    model makes of block_size tokens of context, against what it makes of ctx_len."""
     out = {}
     model.eval()
-    for split in ('train', 'val'):
-        n = len(np.memmap(ddir / f'{split}.bin', dtype=np.uint16, mode='r')) - cfg.block_size
+    for split in ('train', 'val', 'val_reset') if sample_len > cfg.block_size else ('train', 'val'):
+        data = ddir / f"{split.split('_')[0]}.bin"
+        n = len(np.memmap(data, dtype=np.uint16, mode='r')) - sample_len
         g = torch.Generator().manual_seed(cfg.seed)
         losses = torch.zeros(cfg.eval_iters)
         for k in range(cfg.eval_iters):
-            X, Y = get_batch(ddir, split, torch.randint(n, (cfg.batch_size,), generator=g), cfg.block_size,
+            X, Y = get_batch(ddir, data.stem, torch.randint(n, (cfg.batch_size,), generator=g), sample_len,
                              vocab_size, device)
             with ctx:
-                _, loss = model(X, Y)
+                if sample_len > cfg.block_size:
+                    loss = evaluate(model, initial_state(X.shape[0]), X, Y, cfg.block_size, carry=split != 'val_reset')
+                else:
+                    _, loss = model(X, Y)
             losses[k] = loss.item()
         out[split] = losses.mean().item()
     model.train()
@@ -289,7 +303,6 @@ def main(argv):
     meta = (json.loads((ddir / 'meta.json').read_text()) if (ddir / 'meta.json').is_file() else None)
     tokenizer = meta if meta else {'tokenizer': 'gpt2'}  # what sample.py will decode with
     grad_accum = cfg.gradient_accumulation_steps // world_size
-    tokens_per_iter = grad_accum * world_size * cfg.batch_size * cfg.block_size
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -299,17 +312,26 @@ def main(argv):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     model, checkpoint = init_model(cfg, given, init, meta, ddir, master)
     iter_num, best_val_loss = (checkpoint['iter_num'], checkpoint['best_val_loss']) if checkpoint else (0, 1e9)
-    for split in ('train', 'val'):  # after init_model: a resumed run's block_size is the checkpoint's
+    sample_len = cfg.ctx_len or cfg.block_size  # after init_model: a resumed run's block_size is the checkpoint's
+    if sample_len > cfg.block_size and cfg.model_type != 'rwkv':
+        raise ConfigError(f"ctx_len={cfg.ctx_len} > block_size={cfg.block_size} needs a state to carry between "
+                          f"segments: RWKV only; for a GPT raise block_size instead")
+    for split in ('train', 'val'):
         tokens = (ddir / f'{split}.bin').stat().st_size // 2
-        if tokens <= cfg.block_size:
-            raise ConfigError(f"{ddir / f'{split}.bin'} has {tokens} tokens, not more than block_size="
-                              f"{cfg.block_size}; use a smaller --block_size")
+        if tokens <= sample_len:
+            raise ConfigError(f"{ddir / f'{split}.bin'} has {tokens} tokens, not more than "
+                              f"{'ctx_len' if cfg.ctx_len else 'block_size'}={sample_len}; use a smaller "
+                              f"--{'ctx_len' if cfg.ctx_len else 'block_size'}")
+    tokens_per_iter = grad_accum * world_size * cfg.batch_size * sample_len
     run_id = (checkpoint or {}).get('run_id') or new_run_id()  # a resumed run keeps its id (older checkpoints had none)
     run = dict(device=device, rank=rank, world_size=world_size, tokenizer=tokenizer, run_id=run_id,
                data=data_fingerprint(ddir / 'train.bin'))
     if master:
         print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} x {grad_accum} x {cfg.batch_size} x "
-              f"{cfg.block_size}); device {device}, dtype {dtype}")
+              f"{sample_len}); device {device}, dtype {dtype}")
+        if sample_len > cfg.block_size:
+            print(f"samples of {sample_len} tokens in segments of {cfg.block_size} carrying the state, bptt="
+                  f"'{cfg.bptt}'" + (f", the last {cfg.bptt_range} segments learn" if cfg.bptt_range else ''))
     torch.manual_seed(cfg.seed + rank)  # from here on (dropout) each rank draws its own numbers
     model.activation_checkpointing = cfg.activation_checkpointing
     model.to(device)
@@ -322,11 +344,12 @@ def main(argv):
     if master:
         print(f"{cfg.model_type}: {model.get_num_params() / 1e6:.2f}M parameters (non-embedding)")
     vocab_size = model.config.vocab_size
-    n_train = len(np.memmap(ddir / 'train.bin', dtype=np.uint16, mode='r')) - cfg.block_size
+    n_train = len(np.memmap(ddir / 'train.bin', dtype=np.uint16, mode='r')) - sample_len
 
     # optimizer, sharding, compilation
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     raw_model = model
+    initial_state = partial(raw_model.initial_state, device=device) if cfg.model_type == 'rwkv' else None
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in (model.transformer.h if cfg.model_type == 'gpt' else model.blocks):
@@ -357,11 +380,11 @@ def main(argv):
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
     def no_sync(last):
-        """Gradient accumulation without all-reduce on every micro-step but the last."""
-        if last or world_size == 1:
-            return nullcontext()
+        """Gradient accumulation without reducing gradients across ranks on every backward but the last."""
         if cfg.fsdp:
-            raw_model.set_requires_gradient_sync(False)
+            raw_model.set_requires_gradient_sync(last)
+            return nullcontext()
+        if last or world_size == 1:
             return nullcontext()
         return model.no_sync()
 
@@ -383,7 +406,7 @@ def main(argv):
 
     # the training loop
     offsets = train_offsets(cfg.seed, iter_num, n_train, cfg.batch_size, grad_accum, rank, world_size)
-    X, Y = get_batch(ddir, 'train', offsets[0], cfg.block_size, vocab_size, device)
+    X, Y = get_batch(ddir, 'train', offsets[0], sample_len, vocab_size, device)
     t0 = time.time()
     local_iter, running_mfu, skipped = 0, -1.0, 0
     while True:
@@ -392,10 +415,13 @@ def main(argv):
             group['lr'] = lr * group.get('lr_scale', 1.0)
 
         if iter_num % cfg.eval_interval == 0:
-            losses = estimate_loss(model, cfg, ddir, vocab_size, device, ctx) if master or cfg.fsdp else None
+            losses = estimate_loss(model, initial_state, cfg, sample_len, ddir, vocab_size, device, ctx) \
+                if master or cfg.fsdp else None
             save = False
             if master:  # FSDP: every rank runs its shard of the eval, rank 0 reports
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                reset = f" (state reset every {cfg.block_size}: {losses['val_reset']:.4f})" if 'val_reset' in losses \
+                    else ''
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{reset}")
                 if wandb:
                     wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
                                'mfu': running_mfu * 100})
@@ -413,20 +439,23 @@ def main(argv):
 
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(grad_accum):
-            with no_sync(micro_step == grad_accum - 1):
-                with ctx:
-                    _, loss = model(X, Y)
-                    loss = loss / grad_accum
-                # fetch the next batch while the device works
-                if micro_step == grad_accum - 1:
-                    offsets = train_offsets(cfg.seed, iter_num + 1, n_train, cfg.batch_size, grad_accum, rank,
-                                            world_size)
-                X, Y = get_batch(ddir, 'train', offsets[(micro_step + 1) % grad_accum], cfg.block_size, vocab_size,
-                                 device)
-                scaler.scale(loss).backward()
+            last = micro_step == grad_accum - 1
+            if sample_len > cfg.block_size:  # segments carrying the state, each with its own forward and backward
+                loss = forward_backward(model, initial_state(X.shape[0]), X, Y, cfg.block_size, cfg.bptt,
+                                        cfg.bptt_range, scale=lambda loss: scaler.scale(loss / grad_accum),
+                                        sync=lambda last_segment: no_sync(last and last_segment), autocast=ctx)
+                loss = loss / grad_accum
+            else:
+                with no_sync(last):
+                    with ctx:
+                        _, loss = model(X, Y)
+                        loss = loss / grad_accum
+                    scaler.scale(loss).backward()
+            # the next batch (on a GPU the work above is still running)
+            if last:
+                offsets = train_offsets(cfg.seed, iter_num + 1, n_train, cfg.batch_size, grad_accum, rank, world_size)
+            X, Y = get_batch(ddir, 'train', offsets[(micro_step + 1) % grad_accum], sample_len, vocab_size, device)
             loss_sum += loss.detach()
-        if cfg.fsdp:
-            raw_model.set_requires_gradient_sync(True)
         # one small all-reduce per iteration: the mean loss over all ranks, non-finite losses, stop signals
         flags = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum)).float(),
                              torch.tensor(float(bool(stop_signal)), device=device)])
@@ -454,7 +483,8 @@ def main(argv):
         dt, t0 = t1 - t0, t1
         if iter_num % cfg.log_interval == 0 and master:
             if local_iter >= 5:  # let the first iterations settle
-                mfu = raw_model.estimate_mfu(cfg.batch_size * grad_accum, dt, peak)  # this process's share
+                # this process's share; a sample of sample_len tokens is sample_len / block_size model passes
+                mfu = raw_model.estimate_mfu(cfg.batch_size * grad_accum * sample_len / cfg.block_size, dt, peak)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             print(f"iter {iter_num}: loss {lossf:.6f}, time {dt * 1000:.2f}ms, "
                   f"tok/s {tokens_per_iter / dt:,.0f}, mfu {running_mfu * 100:.2f}%")
