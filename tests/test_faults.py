@@ -43,17 +43,24 @@ def torchrun(nproc, *argv):
 DDP_TOLERANCE = 1e-5  # relative, on each logged loss; fp32 all-reduce sums in another order than one process does
 
 
-@pytest.mark.parametrize('model_type,sharding', [('gpt', 'ddp'), ('rwkv', 'ddp'), ('gpt', 'fsdp'), ('rwkv', 'fsdp')])
+@pytest.mark.parametrize('model_type,sharding', [('gpt', 'ddp'), ('rwkv', 'ddp'), ('gpt', 'fsdp'), ('rwkv', 'fsdp'),
+                                                 ('rwkv', 'ddp segments'), ('rwkv', 'fsdp segments'),
+                                                 ('gpt', 'fsdp accumulation')])
 def test_torchrun_two_processes_match_one(model_type, sharding, dataset, tmp_path):
-    # the same global batch: 2 processes x 1 micro-step each vs 1 process x 2 micro-steps, the same data order
-    common = args(model_type, dataset, tmp_path / 'one', 6, '--gradient_accumulation_steps=2')
+    # the same global batch: 2 processes x 1 micro-step each vs 1 process x 2 micro-steps, the same data order;
+    # 'segments': samples of 32 tokens in 2 segments of 16 (full BPTT, bptt.py); 'accumulation': 2 micro-steps per
+    # process, gradients reduced after the second only
+    segmented = ['--block_size=16', '--ctx_len=32'] if 'segments' in sharding else []
+    accumulate = 4 if 'accumulation' in sharding else 2
+    common = args(model_type, dataset, tmp_path / 'one', 6, f'--gradient_accumulation_steps={accumulate}', *segmented)
     one = subprocess.run([sys.executable, str(REPO / 'train.py'), *common], capture_output=True, text=True,
                          timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert one.returncode == 0, one.stderr
-    extra = ['--fsdp=True'] if sharding == 'fsdp' else []
-    two = torchrun(2, *args(model_type, dataset, tmp_path / 'two', 6, '--gradient_accumulation_steps=2', *extra))
+    extra = ['--fsdp=True'] if 'fsdp' in sharding else []
+    two = torchrun(2, *args(model_type, dataset, tmp_path / 'two', 6, f'--gradient_accumulation_steps={accumulate}',
+                            *extra, *segmented))
     assert two.returncode == 0, two.stderr[-3000:]
-    assert 'tokens per iteration: 512 (2 x 1 x 8 x 32)' in two.stdout
+    assert f'tokens per iteration: {256 * accumulate:,} (2 x {accumulate // 2} x 8 x 32)' in two.stdout
     a, b = loss_lines(one.stdout), loss_lines(two.stdout)
     assert sorted(a) == sorted(b) == list(range(7))
     for i in a:
