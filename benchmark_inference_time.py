@@ -37,7 +37,7 @@ OPTIONS = dict(
     n_tokens=Option(4096, "tokens generated per model, from an empty context", '>= 1'),
     report_at=Option([64, 256, 1024, 4096], "context lengths in the summary (those <= n_tokens)", '>= 1'),
     window=Option(32, "the summary's ms/token at context n is the median over the `window` steps ending at n", '>= 1'),
-    out=Option('benchmarks/results/inference_time_{device}', "where the .csv and .json go; {device} becomes cpu / cuda"),
+    out=Option('benchmarks/results/inference_time_{device}', "where the .csv and .json go; {device}: cpu / cuda"),
     plot=Option('assets/inference_time_{device}.png', "where the PNG goes; {device} becomes cpu / cuda"),
     seed=Option(1337, "seeds the random weights", '>= 0'),
 )

@@ -16,7 +16,8 @@ from configurator import ConfigError, Option, parse_config
 
 OPTIONS = dict(
     out_dir=Option('out', "the directory with the checkpoints (the newest intact one is exported)"),
-    format=Option('hf', "'hf' (a transformers directory) or 'pth' (RWKV only: the official RWKV-4 .pth)", ('hf', 'pth')),
+    format=Option('hf', "'hf' (a transformers directory) or 'pth' (RWKV only: the official RWKV-4 .pth)",
+                  ('hf', 'pth')),
     dest=Option('', "the directory (hf) or file (pth) to write"),
 )
 

@@ -186,7 +186,7 @@ class RWKVConfig:
     dim_ffn: int = 0  # 0 means 4 * n_embd (RWKV-4)
     emb_init: float = 1e-4  # emb.weight ~ U(-emb_init, emb_init); RWKV-v4neo uses lr_init here, and so does train.py
     wkv_backend: str = 'auto'  # 'auto' | 'cuda' | 'cpu' | 'torch'
-    rescale_every: int = 0  # > 0: the weights are rescaled for fp16 (see RWKV.rescale_for_fp16), x halves every N layers
+    rescale_every: int = 0  # > 0: weights rescaled for fp16 (RWKV.rescale_for_fp16), x halves every N layers
 
     def __post_init__(self):
         for key in ('block_size', 'vocab_size', 'n_layer', 'n_embd'):
@@ -341,7 +341,8 @@ class RWKV(nn.Module):
             state = load_official_pth(path)
             n_layer = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))
             V, C = state['emb.weight'].shape
-            config = RWKVConfig(vocab_size=V, n_layer=n_layer, n_embd=C, dim_ffn=state['blocks.0.ffn.key.weight'].shape[0],
+            config = RWKVConfig(vocab_size=V, n_layer=n_layer, n_embd=C,
+                                dim_ffn=state['blocks.0.ffn.key.weight'].shape[0],
                                 wkv_backend=wkv_backend)
         with torch.device('meta'):  # every tensor is loaded below: skip the (slow, for big models) init
             model = cls(config)
@@ -395,7 +396,8 @@ class RWKV(nn.Module):
     def flops_per_token(self):
         """Training FLOPs per token: every weight matrix is used once per token in a matmul, 2 FLOPs per weight
         forward and 4 backward, hence 6 * (matrix params). The embedding is a lookup. The WKV recurrence and the
-        other elementwise work are not matmul FLOPs and, as softmax in the GPT count (PaLM appendix B), are not counted."""
+        other elementwise work are not matmul FLOPs and, as softmax in the GPT count (PaLM appendix B), are not
+        counted."""
         n_matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and n != 'emb.weight')
         return 6 * n_matmul
 

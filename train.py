@@ -47,9 +47,9 @@ OPTIONS = dict(
     keep_last=Option(3, "this run's checkpoints kept in out_dir (ckpt-<iter>.pt; ckpt.pt is the newest)", '>= 1'),
     nan_policy=Option('stop', "a non-finite loss: 'stop' (one-line error, nothing saved) or 'skip' (drop that step)",
                       ('stop', 'skip')),
-    init_from=Option('scratch', "'scratch'; 'resume' (the newest intact checkpoint in out_dir); 'auto' (resume if "
-                                "out_dir has a checkpoint, else scratch: for jobs that restart); or a pretrained model: "
-                                "gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face directory or an RWKV-4 .pth"),
+    init_from=Option('scratch', "'scratch'; 'resume' (the newest intact checkpoint in out_dir); 'auto' (resume "
+                                "if out_dir has a checkpoint, else scratch: for jobs that restart); or a pretrained "
+                                "model: gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face directory or an RWKV-4 .pth"),
     overwrite=Option(False, "start from scratch or pretrained in an out_dir that holds checkpoints, moving them "
                             "into out_dir/replaced-<time>/ first"),
     # wandb logging
@@ -114,8 +114,8 @@ def prepare_data(cfg, master):
     prepare = ddir / 'prepare.py'
     if not (ddir / 'train.bin').is_file() and master:
         if not prepare.is_file():
-            raise ConfigError(f"train.bin not found in {ddir} and there is no prepare.py there; create train.bin/val.bin"
-                              f" or pick another --dataset")
+            raise ConfigError(f"train.bin not found in {ddir} and there is no prepare.py there; create train.bin and "
+                              f"val.bin or pick another --dataset")
         print(f"train.bin not found in {ddir}: running {prepare}")
         status = subprocess.run([sys.executable, str(prepare)]).returncode
         if status != 0:

@@ -126,7 +126,8 @@ def main(argv):
         for k in range(1, max(cfg.distances) // cfg.block_size + 1):
             ax.axvline(k * cfg.block_size, color='gray', lw=0.5, alpha=0.4)
         ax.set(xlabel='distance from key to query (tokens; grey lines: segment length)', ylabel='recall accuracy',
-               title=f'key recall, RWKV trained on {cfg.ctx_len} tokens in segments of {cfg.block_size}', ylim=(0, 1.05))
+               title=f'key recall, RWKV trained on {cfg.ctx_len} tokens in segments of {cfg.block_size}',
+               ylim=(0, 1.05))
         ax.legend(fontsize=8)
         fig.tight_layout()
         Path(cfg.plot).parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,8 @@ def test_openwebtext_prepare_on_a_local_file(tmp_path):
     docs = [' '.join(rng.choice(words, size=rng.integers(1, 9))) for _ in range(50)]
     (tmp_path / 'docs.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
     out = tmp_path / 'owt'
-    r = subprocess.run([sys.executable, str(REPO / 'data/openwebtext/prepare.py'), f'--source={tmp_path / "docs.jsonl"}',
+    r = subprocess.run([sys.executable, str(REPO / 'data/openwebtext/prepare.py'),
+                        f'--source={tmp_path / "docs.jsonl"}',
                         f'--tokenizer={tmp_path / "tok.json"}', f'--out_dir={out}', '--val_every=10', '--num_proc=2'],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -79,7 +80,8 @@ def test_tinystories_prepare_uses_both_hub_splits(tmp_path, monkeypatch):
 
 def test_tinystories_offline_names_an_offline_dataset(tmp_path):
     word_tokenizer(tmp_path / 'tok.json', ['once'])  # a local tokenizer: nothing to fetch
-    r = subprocess.run([sys.executable, str(REPO / 'data/tinystories/prepare.py'), f'--tokenizer={tmp_path / "tok.json"}',
+    r = subprocess.run([sys.executable, str(REPO / 'data/tinystories/prepare.py'),
+                        f'--tokenizer={tmp_path / "tok.json"}',
                         f'--out_dir={tmp_path / "ts"}'], capture_output=True, text=True, timeout=300,
                        env={**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'})
     one_line_error(r, 'prepare.py', 'cannot stream roneneldan/TinyStories from the Hugging Face hub')

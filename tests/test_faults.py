@@ -52,7 +52,8 @@ def test_torchrun_two_processes_match_one(model_type, sharding, dataset, tmp_pat
     # process, gradients reduced after the second only
     segmented = ['--block_size=16', '--ctx_len=32'] if 'segments' in sharding else []
     accumulate = 4 if 'accumulation' in sharding else 2
-    common = args(model_type, dataset, tmp_path / 'one', 6, f'--gradient_accumulation_steps={accumulate}', *segmented)
+    common = args(model_type, dataset, tmp_path / 'one', 6, f'--gradient_accumulation_steps={accumulate}',
+                  *segmented)
     one = subprocess.run([sys.executable, str(REPO / 'train.py'), *common], capture_output=True, text=True,
                          timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert one.returncode == 0, one.stderr

@@ -85,7 +85,8 @@ def test_sample_bad_inputs(trained, tmp_path):
     _, out, _ = trained
     one_line_error(run('sample.py', f'--out_dir={tmp_path}'), 'sample.py', 'no checkpoint at')
     one_line_error(run('sample.py', f'--out_dir={out}', '--start=xyz'), 'sample.py', "not in the model's vocabulary")
-    one_line_error(run('sample.py', f'--out_dir={out}', '--max_new_tokens=0'), 'sample.py', 'max_new_tokens must be >= 1')
+    one_line_error(run('sample.py', f'--out_dir={out}', '--max_new_tokens=0'), 'sample.py',
+                   'max_new_tokens must be >= 1')
     one_line_error(run('sample.py', f'--out_dir={out}', '--start=FILE:nope.txt'), 'sample.py', 'not found')
     (tmp_path / 'ckpt.pt').write_bytes(b'this is not a checkpoint')
     one_line_error(run('sample.py', f'--out_dir={tmp_path}'), 'sample.py', 'not a readable nanoRWKV checkpoint')
