@@ -79,7 +79,8 @@ def test_decode_benchmark(tmp_path):
                                   'benchmarks/bench_decode.py', 'benchmarks/bench_wkv.py', 'train.py', 'sample.py',
                                   'export.py', 'data/shakespeare_char/prepare.py', 'data/shakespeare/prepare.py',
                                   'data/openwebtext/prepare.py', 'data/openwebtext_neox/prepare.py',
-                                  'data/tinystories/prepare.py'])
+                                  'data/tinystories/prepare.py', 'assets/make_animations.py',
+                                  'benchmarks/bench_infctx.py', 'benchmarks/bench_long_range.py'])
 def test_help_documents_every_option(name, tmp_path, monkeypatch):
     out = script(name, '--help', cwd=tmp_path)
     monkeypatch.setattr(sys, 'path', list(sys.path))  # the data scripts put the repository root on it

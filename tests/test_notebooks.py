@@ -19,3 +19,13 @@ def test_notebook_runs_and_its_claims_hold(name):
     client.execute()  # raises CellExecutionError on any failing cell or assert
     errors = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs if o.output_type == 'error']
     assert not errors
+
+
+def test_animation_script_draws_both_gifs(tmp_path):
+    from PIL import Image
+
+    from helpers import run
+    r = run('assets/make_animations.py', '--frames=2', f'--out_dir={tmp_path}', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]  # it asserts that what it draws is what the model computes
+    for name in ('time_mixing.gif', 'channel_mixing.gif'):
+        assert Image.open(tmp_path / name).n_frames == 2
