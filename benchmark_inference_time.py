@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from configurator import ConfigError, Option, parse_config
+from configurator import ConfigError, Option, parse_config, run_script
 from hardware import DEVICE, resolve_device, run_provenance
 
 OPTIONS = dict(
@@ -200,7 +200,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"benchmark_inference_time.py: error: {e}")
+    run_script(main)

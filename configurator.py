@@ -142,3 +142,12 @@ def parse_config(options, argv, doc, given=None):
             config[key] = check_value(options, key, value, f"--{key}")
             given.add(key)
     return SimpleNamespace(**config)
+
+
+def run_script(main):
+    """A script's entry point: main(sys.argv[1:]); a ConfigError ends it with one line, `<script>: error: <message>`,
+    and exit status 1 (never a traceback)."""
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")

@@ -8,11 +8,10 @@ format 'hf': config.json + model.safetensors, loaded by transformers as RwkvForC
 format 'pth': RWKV only, the official RWKV-4 .pth of BlinkDL's RWKV-LM, which the rwkv pip package runs.
 """
 import json
-import sys
 from pathlib import Path
 
 from checkpoint import load_latest_checkpoint, model_from_checkpoint
-from configurator import ConfigError, Option, parse_config
+from configurator import ConfigError, Option, parse_config, run_script
 
 OPTIONS = dict(
     out_dir=Option('out', "the directory with the checkpoints (the newest intact one is exported)"),
@@ -45,7 +44,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"export.py: error: {e}")
+    run_script(main)

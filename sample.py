@@ -11,13 +11,12 @@ mode: 'rnn' (RWKV only: the prompt in parallel mode carrying state, then one RNN
 'parallel' (RWKV: the whole sequence again for every token; GPT: the prompt at once, then one step per token with
 its KV cache), 'auto' (rnn for RWKV, parallel for GPT).
 """
-import sys
 from pathlib import Path
 
 import torch
 
 from checkpoint import load_latest_checkpoint, load_pretrained, model_from_checkpoint
-from configurator import ConfigError, Option, parse_config
+from configurator import ConfigError, Option, parse_config, run_script
 from hardware import DEVICE, DTYPES, autocast_context, resolve_device, resolve_dtype
 from tokenizer import get_codec
 
@@ -97,7 +96,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"sample.py: error: {e}")
+    run_script(main)

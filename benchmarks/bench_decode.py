@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configurator import ConfigError, Option, parse_config  # noqa: E402
+from configurator import ConfigError, Option, parse_config, run_script  # noqa: E402
 from hardware import run_provenance  # noqa: E402
 
 OPTIONS = dict(
@@ -123,7 +123,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"bench_decode.py: error: {e}")
+    run_script(main)

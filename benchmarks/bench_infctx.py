@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bptt import forward_backward, segments  # noqa: E402
-from configurator import ConfigError, Option, parse_config  # noqa: E402
+from configurator import ConfigError, Option, parse_config, run_script  # noqa: E402
 from hardware import DEVICE, resolve_device, run_provenance  # noqa: E402
 from model_rwkv import RWKV, RWKVConfig  # noqa: E402
 
@@ -164,7 +164,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"bench_infctx.py: error: {e}")
+    run_script(main)

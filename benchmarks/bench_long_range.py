@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bptt import forward_backward  # noqa: E402
-from configurator import ConfigError, Option, parse_config  # noqa: E402
+from configurator import ConfigError, Option, parse_config, run_script  # noqa: E402
 from hardware import run_provenance  # noqa: E402
 from model_rwkv import RWKV, RWKVConfig  # noqa: E402
 
@@ -136,7 +136,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"bench_long_range.py: error: {e}")
+    run_script(main)

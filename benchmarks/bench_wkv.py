@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configurator import ConfigError, Option, parse_config  # noqa: E402
+from configurator import Option, parse_config, run_script  # noqa: E402
 from hardware import DEVICE, run_provenance  # noqa: E402
 from wkv_cuda import wkv  # noqa: E402
 
@@ -89,7 +89,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"bench_wkv.py: error: {e}")
+    run_script(main)

@@ -15,7 +15,8 @@ def test_notebook_runs_and_its_claims_hold(name):
     assert code and all(c.execution_count for c in code) and sum(bool(c.outputs) for c in code) >= len(code) - 2, \
         'commit the notebook executed, with its outputs'
     nb = nbformat.read(REPO / name, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': str(REPO)}})
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
+                                     resources={'metadata': {'path': str(REPO)}})
     client.execute()  # raises CellExecutionError on any failing cell or assert
     errors = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs if o.output_type == 'error']
     assert not errors

@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: configurator, tokenizer, data
-from configurator import ConfigError, parse_config  # noqa: E402
+from configurator import parse_config, run_script  # noqa: E402
 from data.common import DOCUMENT_OPTIONS, prepare_documents  # noqa: E402
 
+
+def main(argv):
+    prepare_documents(parse_config(DOCUMENT_OPTIONS, argv, __doc__), 'Skylion007/openwebtext', 'openwebtext')
+
+
 if __name__ == '__main__':
-    try:
-        prepare_documents(parse_config(DOCUMENT_OPTIONS, sys.argv[1:], __doc__), 'Skylion007/openwebtext',
-                          'openwebtext')
-    except ConfigError as e:
-        sys.exit(f"prepare.py: error: {e}")
+    run_script(main)

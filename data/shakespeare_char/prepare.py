@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: configurator, tokenizer, data
-from configurator import ConfigError, Option, parse_config  # noqa: E402
+from configurator import Option, parse_config, run_script  # noqa: E402
 from data.common import fetch_shakespeare, write_split  # noqa: E402
 
 OPTIONS = dict(
@@ -41,7 +41,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"prepare.py: error: {e}")
+    run_script(main)
