@@ -30,8 +30,9 @@ from bptt import evaluate, forward_backward
 from checkpoint import (build_model, check_resume, claim_out_dir, data_fingerprint, load_latest_checkpoint,
                         load_pretrained, model_config, model_from_checkpoint, new_run_id, save_checkpoint)
 from configurator import ConfigError, Option, parse_config
-from hardware import (DEVICE, autocast_context, measure_peak_flops, resolve_device, resolve_dtype,
+from hardware import (DEVICE, DTYPES, autocast_context, measure_peak_flops, resolve_device, resolve_dtype,
                       start_distributed)
+from wkv_cuda import BACKENDS, resolve_backend
 
 # -----------------------------------------------------------------------------
 # default config values: RWKV-4 ~130M on OpenWebText
@@ -75,7 +76,7 @@ OPTIONS = dict(
     n_head=Option(12, "gpt only: attention heads (n_embd must be a multiple)", '>= 1'),
     dropout=Option(0.0, "gpt only", '[0, 1)'),
     bias=Option(False, "gpt only: biases in Linears and LayerNorms"),
-    wkv_backend=Option('auto', "rwkv only: the WKV implementation", ('auto', 'cuda', 'cpu', 'torch')),
+    wkv_backend=Option('auto', "rwkv only: the WKV implementation", BACKENDS),
     rwkv_lr_scale=Option(True, "rwkv only: RWKV-LM's layerwise_lr (time_decay x2, time_first x3)"),
     # AdamW
     learning_rate=Option(6e-4, "peak learning rate", '> 0'),
@@ -91,8 +92,7 @@ OPTIONS = dict(
     min_lr=Option(6e-5, "~= learning_rate / 10 per Chinchilla", '>= 0'),
     # system
     device=Option('auto', "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...", DEVICE),
-    dtype=Option('auto', "'auto', 'float32', 'bfloat16' or 'float16' (the last two by autocast)",
-                 ('auto', 'float32', 'bfloat16', 'float16')),
+    dtype=Option('auto', "'auto', 'float32', 'bfloat16' or 'float16' (the last two by autocast)", DTYPES),
     compile=Option(False, "torch.compile the model"),
     activation_checkpointing=Option(False, "recompute each block in backward instead of storing its activations"),
     fsdp=Option(False, "under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard) "
@@ -205,23 +205,24 @@ def estimate_loss(model, initial_state, cfg, sample_len, ddir, vocab_size, devic
     are comparable and draw nothing from the training RNG. Samples longer than block_size run in segments carrying
     the state; then 'val_reset' is the val loss of the same tokens with the state reset at every segment: what the
     model makes of block_size tokens of context, against what it makes of ctx_len."""
+    segmented = sample_len > cfg.block_size
+    runs = [('train', 'train', True), ('val', 'val', True)] + ([('val_reset', 'val', False)] if segmented else [])
     out = {}
     model.eval()
-    for split in ('train', 'val', 'val_reset') if sample_len > cfg.block_size else ('train', 'val'):
-        data = ddir / f"{split.split('_')[0]}.bin"
-        n = len(np.memmap(data, dtype=np.uint16, mode='r')) - sample_len
+    for name, split, carry in runs:
+        n = len(np.memmap(ddir / f'{split}.bin', dtype=np.uint16, mode='r')) - sample_len
         g = torch.Generator().manual_seed(cfg.seed)
         losses = torch.zeros(cfg.eval_iters)
         for k in range(cfg.eval_iters):
-            X, Y = get_batch(ddir, data.stem, torch.randint(n, (cfg.batch_size,), generator=g), sample_len,
-                             vocab_size, device)
+            X, Y = get_batch(ddir, split, torch.randint(n, (cfg.batch_size,), generator=g), sample_len, vocab_size,
+                             device)
             with ctx:
-                if sample_len > cfg.block_size:
-                    loss = evaluate(model, initial_state(X.shape[0]), X, Y, cfg.block_size, carry=split != 'val_reset')
+                if segmented:
+                    loss = evaluate(model, initial_state(X.shape[0]), X, Y, cfg.block_size, carry=carry)
                 else:
                     _, loss = model(X, Y)
             losses[k] = loss.item()
-        out[split] = losses.mean().item()
+        out[name] = losses.mean().item()
     model.train()
     return out
 
@@ -336,7 +337,6 @@ def main(argv):
     model.activation_checkpointing = cfg.activation_checkpointing
     model.to(device)
     if cfg.model_type == 'rwkv':
-        from wkv_cuda import resolve_backend
         try:  # build (or load) the kernel now: a failure is a one-line error before training starts
             resolve_backend(model.config.wkv_backend, torch.device(device))
         except RuntimeError as e:

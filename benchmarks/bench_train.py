@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configurator import ConfigError, Option, parse_config, run_script  # noqa: E402
 from hardware import (DEVICE, DTYPES, autocast_context, measure_peak_flops, resolve_device, resolve_dtype,  # noqa: E402
                       run_provenance)
+from wkv_cuda import BACKENDS  # noqa: E402
 
 OPTIONS = dict(
     device=Option('auto', "'auto' (cuda if available), 'cpu', 'cuda', ...", DEVICE),
@@ -34,7 +35,7 @@ OPTIONS = dict(
     batch_size=Option(4, "sequences per batch", '>= 1'),
     compile=Option([False, True], "run each of our models eager and/or torch.compile'd"),
     transformers=Option(True, "add transformers' RwkvForCausalLM and GPT2LMHeadModel (eager) when installed"),
-    wkv_backend=Option('auto', "rwkv: the WKV implementation", ('auto', 'cuda', 'cpu', 'torch')),
+    wkv_backend=Option('auto', "rwkv: the WKV implementation", BACKENDS),
     warmup=Option(2, "untimed iterations first (the compile happens in the first)", '>= 1'),
     iters=Option(5, "timed iterations; the median is reported", '>= 1'),
     peak_flops=Option(0.0, "FLOP/s for MFU; 0 = datasheet for known GPUs, else measured", '>= 0'),

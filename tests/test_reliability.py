@@ -43,24 +43,23 @@ def test_one_run_per_out_dir(dataset, tmp_path):
 
 def test_keep_last_deletes_only_this_runs_checkpoints(dataset, tmp_path):
     out = tmp_path / 'out'
-    out.mkdir()
-    # another run's (newer-numbered) checkpoint, and one from before run ids, sit in out_dir
-    other = run('train.py', *args('gpt', dataset, tmp_path / 'other', 12, '--eval_interval=12'))
-    assert other.returncode == 0, other.stderr
-    shutil.copy(tmp_path / 'other' / 'ckpt-00000013.pt', out / 'ckpt-00000013.pt')
-    shutil.copy(FIXTURES / 'ckpt-gpt-fec4f0d.pt', out / 'ckpt-00000009.pt')
-    r = run('train.py', *args('gpt', dataset, out, 4, '--eval_interval=1', '--keep_last=2'), '--overwrite=True')
-    assert r.returncode == 0, r.stderr
-    (out / 'replaced-x').mkdir()  # the overwrite moved both aside; put them back next to this run's checkpoints
-    for f in next(p for p in out.glob('replaced-*') if p.name != 'replaced-x').iterdir():
-        shutil.move(f, out / f.name)
-    r = run('train.py', *args('gpt', dataset, out, 6, '--eval_interval=1', '--keep_last=2'), '--init_from=resume')
-    # resume takes the newest intact checkpoint: the other run's 13 is past max_iters=6, nothing to train
-    assert r.returncode == 0 and 'nothing to train' in r.stdout, r.stderr
-    ids = {f.name: run_id_of(f) for f in out.glob('ckpt-*.pt')}
+    assert run('train.py', *args('gpt', dataset, out, 4, '--eval_interval=2', '--keep_last=5')).returncode == 0
     mine = run_id_of(out / 'ckpt-00000005.pt')
-    assert mine and [n for n, i in sorted(ids.items()) if i == mine] == ['ckpt-00000004.pt', 'ckpt-00000005.pt']
-    assert 'ckpt-00000013.pt' in ids and 'ckpt-00000009.pt' in ids  # never deleted: not this run's
+    # older-numbered files of another run and of a checkpoint from before run ids are put beside this run's 2, 4, 5
+    other = run('train.py', *args('gpt', dataset, tmp_path / 'other', 1, '--eval_interval=1'))
+    assert other.returncode == 0, other.stderr
+    shutil.copy(tmp_path / 'other' / 'ckpt-00000001.pt', out / 'ckpt-00000001.pt')
+    shutil.copy(FIXTURES / 'ckpt-gpt-fec4f0d.pt', out / 'ckpt-00000003.pt')
+    foreign = {name: (out / name).read_bytes() for name in ('ckpt-00000001.pt', 'ckpt-00000003.pt')}
+    r = run('train.py', *args('gpt', dataset, out, 8, '--eval_interval=2', '--keep_last=2'), '--init_from=resume')
+    assert r.returncode == 0, r.stderr
+    assert f'resuming from {out / "ckpt-00000005.pt"}' in r.stdout
+    # this run saved 6, 8, 9 and kept its newest two; the others' files, older than all of them, are untouched
+    assert sorted(f.name for f in out.glob('ckpt-*.pt')) == ['ckpt-00000001.pt', 'ckpt-00000003.pt',
+                                                             'ckpt-00000008.pt', 'ckpt-00000009.pt']
+    assert run_id_of(out / 'ckpt-00000008.pt') == run_id_of(out / 'ckpt-00000009.pt') == mine
+    assert run_id_of(out / 'ckpt-00000001.pt') not in (None, mine) and run_id_of(out / 'ckpt-00000003.pt') is None
+    assert {name: (out / name).read_bytes() for name in foreign} == foreign
 
 
 def test_init_from_auto_starts_then_resumes(dataset, tmp_path):
