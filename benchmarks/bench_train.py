@@ -143,7 +143,7 @@ def main(argv):
         mfu = twin().flops_per_token() * B * T / dt / peak
         results[name] = B * T / dt
         vs = f"{results[name] / results['gpt']:.2f}x" if 'gpt' in results else '-'
-        print(f"| {name} | {dt * 1e3:.1f} | {B * T / dt:,.0f} | {mfu * 100:.1f}% | {vs} |", flush=True)
+        print(f"| {name} | {dt * 1e3:.1f} | {B * T / dt:,.0f} | {mfu * 100:.3g}% | {vs} |", flush=True)
 
     print()
     pairs = [('rwkv', 'transformers RwkvForCausalLM'), ('gpt', 'transformers GPT2LMHeadModel'),
