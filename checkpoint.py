@@ -236,7 +236,9 @@ def data_fingerprint(path):
     return {'size': size, 'blake2b': h.hexdigest()}
 
 
-ARCH_KEYS = {'gpt': ('n_layer', 'n_embd', 'n_head', 'block_size', 'bias'), 'rwkv': ('n_layer', 'n_embd', 'block_size')}
+ATTN_MOE_KEYS = ('attn_window', 'attn_kv_heads', 'moe_experts', 'moe_top_k')
+ARCH_KEYS = {'gpt': ('n_layer', 'n_embd', 'n_head', 'block_size', 'bias') + ATTN_MOE_KEYS,
+             'rwkv': ('n_layer', 'n_embd', 'block_size', 'attn_layers', 'n_head') + ATTN_MOE_KEYS}
 
 
 def check_resume(cfg, given, ckpt, path, train_bin):
@@ -248,8 +250,10 @@ def check_resume(cfg, given, ckpt, path, train_bin):
         raise ConfigError(f"{path} holds a '{kind}' model but model_type='{cfg.model_type}'; resume it with the "
                           f"config it was trained with, or use another --out_dir")
     cfg.model_type = kind
+    config = model_config(kind, ckpt['model_args'])  # a checkpoint from before an option has its default
     for key in ARCH_KEYS[kind]:
-        theirs = ckpt['model_args'][key]
+        theirs = getattr(config, key)
+        theirs = list(theirs) if isinstance(theirs, tuple) else theirs  # attn_layers: a list in train.py
         if getattr(cfg, key) != theirs and key in given:
             raise ConfigError(f"{path} was trained with {key}={theirs!r} but this run has {key}={getattr(cfg, key)!r}; "
                               f"resume with the config it was trained with, or use another --out_dir")

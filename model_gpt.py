@@ -16,39 +16,10 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
+from attention import CausalSelfAttention, check_attention
 from checkpoint import hub_or_local, load_hf_directory, load_state_checked
+from moe import MoE, check_moe
 from sampling import generate_tokens
-
-
-class CausalSelfAttention(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-
-    def forward(self, x, kv=None):
-        # x (B, T, C); kv: the keys and values of earlier positions, 2 x (B, nh, T_past, hs), or None
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if kv is not None:
-            k = torch.cat([kv[0], k], dim=2)  # (B, nh, T_past + T, hs)
-            v = torch.cat([kv[1], v], dim=2)
-        dropout = self.dropout if self.training else 0.0
-        if k.size(2) == T:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
-        else:
-            # the queries are the last T positions: query i sees every key up to position T_past + i
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
-        return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
 class MLP(nn.Module):
@@ -69,15 +40,20 @@ class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.attn_kv_heads, config.attn_window,
+                                        config.bias, config.dropout)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        if config.moe_experts:
+            self.mlp = MoE(config.n_embd, [MLP(config) for _ in range(config.moe_experts)], config.moe_top_k)
+        else:
+            self.mlp = MLP(config)
 
-    def forward(self, x, kv=None):
-        dx, kv = self.attn(self.ln_1(x), kv)
+    def forward(self, x, cache=None, use_cache=True):
+        dx, cache = self.attn(self.ln_1(x), cache, use_cache)
         x = x + dx
-        x = x + self.mlp(self.ln_2(x))
-        return x, kv
+        h = self.ln_2(x)
+        x = x + (self.mlp(h, h) if isinstance(self.mlp, MoE) else self.mlp(h))  # MoE: router input, expert input
+        return x, cache
 
 
 @dataclass
@@ -89,14 +65,18 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+    attn_window: int = 0  # > 0: each token attends to the last attn_window tokens (Mistral); 0 = all before it
+    attn_kv_heads: int = 0  # grouped-query attention: K/V heads shared by the n_head query heads; 0 = n_head
+    moe_experts: int = 0  # > 0: each MLP is a top-k mixture of this many MLPs (moe.py)
+    moe_top_k: int = 1  # experts per token
+    moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the training loss (Switch Transformer's alpha)
 
     def __post_init__(self):
         for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be at least 1")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head} (each head gets "
-                             f"n_embd / n_head channels)")
+        check_attention(self.n_embd, self.n_head, self.attn_kv_heads, self.attn_window)
+        check_moe(self.moe_experts, self.moe_top_k, self.moe_aux_coef)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
@@ -116,6 +96,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
         self.activation_checkpointing = False  # train.py's flag: recompute each block in backward
+        self.last_moe_aux = None  # an MoE model's load-balancing loss of the last training forward, for logging
         self.apply(self._init_weights)
         # GPT-2 paper: scale the residual projections by 1/sqrt(N), N = number of residual additions (2 per block)
         for pn, p in self.named_parameters():
@@ -136,10 +117,10 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def _body(self, idx, cache):
-        # idx (B, T) at positions T_past .. T_past + T - 1; cache: per layer (k, v) of the earlier positions
+    def _body(self, idx, cache, use_cache=True):
+        # idx (B, T) at positions past .. past + T - 1; cache: per layer the KVCache of the earlier positions
         B, T = idx.size()
-        past = 0 if cache is None else cache[0][0].size(2)
+        past = 0 if cache is None else cache[0].pos
         if past + T > self.config.block_size:
             raise ValueError(f"cannot run positions up to {past + T}: block_size is {self.config.block_size}")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
@@ -149,17 +130,29 @@ class GPT(nn.Module):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only the block's input; its activations are recomputed in backward (dropout too: the RNG
                 # state is replayed)
-                x, kv = torch.utils.checkpoint.checkpoint(block, x, None, use_reentrant=False)
+                x, kv = torch.utils.checkpoint.checkpoint(block, x, None, use_cache, use_reentrant=False)
             else:
-                x, kv = block(x, None if cache is None else cache[i])
+                x, kv = block(x, None if cache is None else cache[i], use_cache)
             new_cache.append(kv)
         return self.transformer.ln_f(x), new_cache
 
+    def moe_aux_loss(self):
+        """The mean over layers of the MoE load-balancing losses of the last forward (moe.py)."""
+        losses = [block.mlp.aux_loss for block in self.transformer.h]
+        return sum(losses) / len(losses)
+
     def forward(self, idx, targets=None):
-        x, _ = self._body(idx, None)  # (B, T, C)
+        """idx, targets (B, T) -> logits (B, T, V) and the mean loss; without targets, the last position's logits.
+        In training, an MoE model's loss includes moe_aux_coef x the load-balancing loss (also kept, detached, in
+        self.last_moe_aux for logging); in eval the loss is the cross-entropy alone."""
+        x, _ = self._body(idx, None, use_cache=False)  # (B, T, C)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            if self.config.moe_experts and self.training:
+                aux = self.moe_aux_loss()
+                self.last_moe_aux = aux.detach()
+                loss = loss + self.config.moe_aux_coef * aux
         else:
             logits = self.lm_head(x[:, [-1], :])  # (B, 1, V): inference needs only the last position
             loss = None
@@ -167,7 +160,8 @@ class GPT(nn.Module):
 
     def prefill(self, idx, cache=None):
         """Run a chunk idx (B, T) after the positions held in `cache` (None = none). Returns logits (B, T, V) and the
-        KV cache: per layer the keys and values of every position so far, 2 x (B, n_head, T_total, head_size)."""
+        KV cache: per layer a KVCache (attention.py) of (B, n_kv_heads, S, head_size) keys and values, S every
+        position so far, or attn_window slots of a ring buffer."""
         x, cache = self._body(idx, cache)
         return self.lm_head(x), cache
 
@@ -209,9 +203,12 @@ class GPT(nn.Module):
     def save_pretrained(self, directory):
         """Write a Hugging Face format directory that transformers loads as GPT2LMHeadModel."""
         from safetensors.torch import save_file
+        cfg = self.config
+        if cfg.attn_window or cfg.attn_kv_heads not in (0, cfg.n_head) or cfg.moe_experts:
+            raise ValueError("GPT2LMHeadModel has no sliding window, grouped-query attention or mixture of experts: "
+                             "save this model with train.py's checkpoints instead")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        cfg = self.config
         state = {k: v.detach().float().cpu() for k, v in self.state_dict().items() if k != 'lm_head.weight'}
         if not cfg.bias:  # GPT2LMHeadModel always has biases: zeros are the same function
             for name, module in self.named_modules():
@@ -240,12 +237,15 @@ class GPT(nn.Module):
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self):
-        """Training FLOPs per token, PaLM paper appendix B (as nanoGPT): 6N for the weights plus 12 * L * H * Q * T
-        for the attention scores and the weighted sum, forward and backward."""
-        N = self.get_num_params()
+        """Training FLOPs per token, PaLM paper appendix B (as nanoGPT): 6N for the weights a token uses (an MoE
+        layer's router and top_k of its experts) plus 12 * L * H * Q * T for the attention scores and the weighted
+        sum, forward and backward (T capped at attn_window)."""
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        return 6 * N + 12 * L * H * Q * T
+        N = self.get_num_params()
+        if cfg.moe_experts:  # experts a token does not visit do no work for it
+            experts = sum(p.numel() for n, p in self.named_parameters() if '.experts.' in n)
+            N -= experts * (1 - cfg.moe_top_k / cfg.moe_experts)
+        return 6 * N + sum(block.attn.flops_per_token(cfg.block_size) for block in self.transformer.h)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
         """Model FLOPs utilisation: achieved FLOP/s over the device's peak FLOP/s."""

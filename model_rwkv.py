@@ -8,6 +8,13 @@ Two ways to run the same weights:
 - RNN mode, `step(token, state)`: one token, constant memory, the recurrence of RWKV-v4neo/src/model_run.py.
 Both carry a `State`: per layer the last input of time mix and of channel mix (token shift) and the WKV sums.
 
+Options of MicroRWKV, done so that every mode stays exact and causal (defaults off: the model is RWKV-4 exactly):
+- dropout, where RWKV-LM puts it (on the residual stream after each time mix and channel mix);
+- a top-k mixture-of-experts channel mix (moe.py): the experts share their layer's token shift;
+- hybrid layers: the time mix of the blocks in attn_layers is causal softmax attention (attention.py: optional
+  sliding window and grouped-query attention); in RNN mode such a layer carries a KV cache (a ring buffer of
+  attn_window entries when windowed) beside the RWKV state, in a HybridState.
+
 References: Peng et al. 2023, "RWKV: Reinventing RNNs for the Transformer Era" (arXiv:2305.13048);
 https://github.com/BlinkDL/RWKV-LM (RWKV-v4neo).
 """
@@ -23,7 +30,9 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
+from attention import CausalSelfAttention, check_attention
 from checkpoint import hub_or_local, load_hf_directory, load_state_checked
+from moe import MoE, check_moe
 from sampling import generate_tokens
 from wkv_cuda import BACKENDS, initial_state, wkv, wkv_step
 
@@ -99,6 +108,25 @@ class TimeMix(nn.Module):
         return self.output(torch.sigmoid(r) * y.to(x.dtype)), (aa, bb, pp)
 
 
+def squared_relu_mix(m, xk, xr):
+    """RWKV-4's feed-forward on the token-mixed inputs, for a module m with key, receptance and value."""
+    k = torch.square(torch.relu(m.key(xk)))  # squared ReLU
+    return torch.sigmoid(m.receptance(xr)) * m.value(k)
+
+
+class Expert(nn.Module):
+    """One expert of a mixture-of-experts channel mix: a channel mix's three matrices, without the token shift."""
+
+    def __init__(self, C, dim_ffn):
+        super().__init__()
+        self.key = nn.Linear(C, dim_ffn, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(dim_ffn, C, bias=False)
+
+    def forward(self, xk, xr):
+        return squared_relu_mix(self, xk, xr)
+
+
 class ChannelMix(nn.Module):
 
     def __init__(self, config, layer_id):
@@ -108,13 +136,16 @@ class ChannelMix(nn.Module):
         ramp = channel_ramp(C)
         self.time_mix_k = nn.Parameter(ramp ** ratio_1_to_almost0)  # (1, 1, C)
         self.time_mix_r = nn.Parameter(ramp ** ratio_1_to_almost0)
-        self.key = nn.Linear(C, config.dim_ffn, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(config.dim_ffn, C, bias=False)
+        if config.moe_experts:  # experts in place of the three matrices, all reading this token shift
+            self.moe = MoE(C, [Expert(C, config.dim_ffn) for _ in range(config.moe_experts)], config.moe_top_k)
+        else:
+            self.key = nn.Linear(C, config.dim_ffn, bias=False)
+            self.receptance = nn.Linear(C, C, bias=False)
+            self.value = nn.Linear(config.dim_ffn, C, bias=False)
 
     def mix(self, x, xx, time_mix_k, time_mix_r):
-        k = torch.square(torch.relu(self.key(torch.lerp(xx, x, time_mix_k))))  # squared ReLU
-        return torch.sigmoid(self.receptance(torch.lerp(xx, x, time_mix_r))) * self.value(k)
+        xk, xr = torch.lerp(xx, x, time_mix_k), torch.lerp(xx, x, time_mix_r)
+        return self.moe(x, xk, xr) if hasattr(self, 'moe') else squared_relu_mix(self, xk, xr)
 
     def forward(self, x, x_prev):
         # parallel mode: x (B, T, C); x_prev (B, C) the input before x[:, 0]
@@ -143,6 +174,14 @@ class State(NamedTuple):
         return State(*(torch.stack(s) for s in zip(*layers)))
 
 
+class HybridState(NamedTuple):
+    """The state of a model with attention layers (attn_layers): the RWKV State of every layer (in an attention layer
+    only x_ffn moves; its time-mix slots stay as they start) and each attention layer's KVCache (attention.py),
+    None before the first token."""
+    rnn: State
+    kv: tuple
+
+
 class Block(nn.Module):
 
     def __init__(self, config, layer_id):
@@ -151,30 +190,50 @@ class Block(nn.Module):
             self.ln0 = nn.LayerNorm(config.n_embd)  # RWKV-LM normalises the embedding inside block 0
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.ln2 = nn.LayerNorm(config.n_embd)
-        self.att = TimeMix(config, layer_id)
+        self.attention = layer_id in config.attn_layers
+        if self.attention:  # no bias, as every RWKV matrix
+            self.att = CausalSelfAttention(config.n_embd, config.n_head, config.attn_kv_heads, config.attn_window)
+        else:
+            self.att = TimeMix(config, layer_id)
         self.ffn = ChannelMix(config, layer_id)
+        # RWKV-v4neo/src/model.py Block.forward: x = drop0(x + att(ln1(x))), x = drop1(x + ffn(ln2(x)))
+        self.drop0 = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.drop1 = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
 
-    def forward(self, x, state):
-        """Parallel mode: x (B, T, C) after `state` (this layer's, slots (B, C)). Returns x and the state after x."""
+    def forward(self, x, state, cache=None):
+        """Parallel mode: x (B, T, C) after `state` (this layer's, slots (B, C)) and, in an attention layer, its
+        KVCache. Returns x, the state after x and the cache after x (None in an RWKV layer)."""
         if hasattr(self, 'ln0'):  # block 0 normalises the embedding (RWKV-v4neo Block.forward)
             x = self.ln0(x)
         xa = self.ln1(x)
-        dx, (aa, bb, pp) = self.att(xa, state.x_att, (state.aa, state.bb, state.pp))
-        x = x + dx
+        if self.attention:
+            dx, cache = self.att(xa, cache)
+            x_att, aa, bb, pp = state.x_att, state.aa, state.bb, state.pp
+        else:
+            dx, (aa, bb, pp) = self.att(xa, state.x_att, (state.aa, state.bb, state.pp))
+            x_att = xa[:, -1].to(aa.dtype)
+        x = self.drop0(x + dx)
         xf = self.ln2(x)
-        x = x + self.ffn(xf, state.x_ffn)
-        return x, State(xa[:, -1].to(aa.dtype), aa, bb, pp, xf[:, -1].to(aa.dtype))
+        x = self.drop1(x + self.ffn(xf, state.x_ffn))
+        return x, State(x_att, aa, bb, pp, xf[:, -1].to(aa.dtype)), cache
 
-    def step(self, x, state):
-        """RNN mode: x (B, C), one token after `state`. Returns x and the new state."""
+    def step(self, x, state, cache=None):
+        """RNN mode: x (B, C), one token after `state` (and the KVCache of an attention layer). Returns x and the
+        new state and cache."""
         if hasattr(self, 'ln0'):
             x = self.ln0(x)
         xa = self.ln1(x)
-        dx, (aa, bb, pp) = self.att.step(xa, state.x_att, (state.aa, state.bb, state.pp))
+        if self.attention:
+            dx, cache = self.att(xa[:, None], cache)  # a sequence of one
+            dx = dx[:, 0]
+            x_att, aa, bb, pp = state.x_att, state.aa, state.bb, state.pp
+        else:
+            dx, (aa, bb, pp) = self.att.step(xa, state.x_att, (state.aa, state.bb, state.pp))
+            x_att = xa.to(aa.dtype)
         x = x + dx
         xf = self.ln2(x)
         x = x + self.ffn.step(xf, state.x_ffn)
-        return x, State(xa.to(aa.dtype), aa, bb, pp, xf.to(aa.dtype))
+        return x, State(x_att, aa, bb, pp, xf.to(aa.dtype)), cache
 
 
 @dataclass
@@ -187,6 +246,14 @@ class RWKVConfig:
     emb_init: float = 1e-4  # emb.weight ~ U(-emb_init, emb_init); RWKV-v4neo uses lr_init here, and so does train.py
     wkv_backend: str = 'auto'  # 'auto' | 'cuda' | 'cpu' | 'torch'
     rescale_every: int = 0  # > 0: weights rescaled for fp16 (RWKV.rescale_for_fp16), x halves every N layers
+    dropout: float = 0.0  # RWKV-LM's: on the residual stream after each time mix and channel mix, in training
+    moe_experts: int = 0  # > 0: each channel mix is a top-k mixture of this many experts (moe.py)
+    moe_top_k: int = 1  # experts per token
+    moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the training loss (Switch Transformer's alpha)
+    attn_layers: tuple = ()  # blocks whose time mix is causal softmax attention (a hybrid)
+    n_head: int = 4  # the attention layers' query heads
+    attn_window: int = 0  # > 0: an attention layer sees the last attn_window tokens (Mistral); 0 = all before
+    attn_kv_heads: int = 0  # grouped-query attention: K/V heads shared by the n_head query heads; 0 = n_head
 
     def __post_init__(self):
         for key in ('block_size', 'vocab_size', 'n_layer', 'n_embd'):
@@ -196,6 +263,15 @@ class RWKVConfig:
             raise ValueError(f"wkv_backend must be one of {', '.join(BACKENDS)}, got {self.wkv_backend!r}")
         if self.dim_ffn == 0:
             self.dim_ffn = 4 * self.n_embd
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        check_moe(self.moe_experts, self.moe_top_k, self.moe_aux_coef)
+        self.attn_layers = tuple(self.attn_layers)  # a checkpoint stores a list
+        bad = [i for i in self.attn_layers if not 0 <= i < self.n_layer]
+        if bad or len(set(self.attn_layers)) != len(self.attn_layers):
+            raise ValueError(f"attn_layers={list(self.attn_layers)} must be distinct block indices in 0..{self.n_layer - 1}")
+        if self.attn_layers:
+            check_attention(self.n_embd, self.n_head, self.attn_kv_heads, self.attn_window)
 
 
 class RWKV(nn.Module):
@@ -208,20 +284,23 @@ class RWKV(nn.Module):
         self.ln_out = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.activation_checkpointing = False  # train.py's flag: recompute each block in backward
+        self.last_moe_aux = None  # an MoE model's load-balancing loss of the last training forward, for logging
         self._init_weights()
 
     @torch.no_grad()
     def _init_weights(self):
         # RWKV-v4neo/src/model.py generate_init_weight: LayerNorms and time_* keep their constructor values; matrices
         # are orthogonal with gain sqrt(rows / cols) when tall, the "output-side" projections start at zero, the head
-        # at gain 0.5, and the embedding is uniform and tiny.
-        zero = ('.att.key.', '.att.receptance.', '.att.output.', '.ffn.value.', '.ffn.receptance.')
+        # at gain 0.5, and the embedding is uniform and tiny. Our options follow the same rule: an expert's
+        # receptance and value and an attention layer's output projection start at zero, the router and c_attn
+        # orthogonal.
+        zero = re.compile(r'\.(att\.(key|receptance|output|c_proj)|ffn\.(moe\.experts\.\d+\.)?(value|receptance))\.')
         for n, p in self.named_parameters():
             if p.dim() != 2:
                 continue
             if n == 'emb.weight':
                 nn.init.uniform_(p, -self.config.emb_init, self.config.emb_init)
-            elif any(z in n for z in zero):
+            elif zero.search(n):
                 nn.init.zeros_(p)
             else:
                 gain = math.sqrt(p.shape[0] / p.shape[1]) if p.shape[0] > p.shape[1] else 1.0
@@ -233,32 +312,45 @@ class RWKV(nn.Module):
         return n - self.emb.weight.numel() if non_embedding else n
 
     def initial_state(self, B, device=None):
-        """The State of an empty history, slots (n_layer, B, C): pp = -1e38, the rest 0."""
+        """The State of an empty history, slots (n_layer, B, C): pp = -1e38, the rest 0. A hybrid's is a
+        HybridState of that State and an empty KV cache per attention layer."""
         device = device or self.head.weight.device
         dtype = torch.promote_types(self.head.weight.dtype, torch.float32)  # fp32, or fp64 for a fp64 model
         L, C = self.config.n_layer, self.config.n_embd
         aa, bb, pp = initial_state(B, C, device, dtype)
         zeros = torch.zeros(L, B, C, device=device, dtype=dtype)
-        return State(zeros, aa.expand(L, B, C), bb.expand(L, B, C), pp.expand(L, B, C), zeros)
+        state = State(zeros, aa.expand(L, B, C), bb.expand(L, B, C), pp.expand(L, B, C), zeros)
+        return HybridState(state, (None,) * len(self.config.attn_layers)) if self.config.attn_layers else state
 
     def _body(self, x, state, run):
-        # x: embeddings, (B, T, C) for run='forward', (B, C) for run='step'; returns ln_out(x) and the new State
+        # x: embeddings, (B, T, C) for run='forward', (B, C) for run='step'; returns ln_out(x) and the new state
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
-        layers = []
+        rnn, caches = (state.rnn, iter(state.kv)) if self.config.attn_layers else (state, iter(()))
+        layers, new_caches = [], []
         r = self.config.rescale_every
         for i, block in enumerate(self.blocks):
+            cache = next(caches) if block.attention else None
             if run == 'step':
-                x, s = block.step(x, state.layer(i))
+                x, s, cache = block.step(x, rnn.layer(i), cache)
             elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # keep only the block's input; its activations are recomputed in backward
-                x, s = torch.utils.checkpoint.checkpoint(block, x, state.layer(i), use_reentrant=False)
+                # keep only the block's input; its activations are recomputed in backward (dropout too: the RNG
+                # state is replayed)
+                x, s, cache = torch.utils.checkpoint.checkpoint(block, x, rnn.layer(i), cache, use_reentrant=False)
             else:
-                x, s = block(x, state.layer(i))
+                x, s, cache = block(x, rnn.layer(i), cache)
             layers.append(s)
+            if block.attention:
+                new_caches.append(cache)
             if r > 0 and (i + 1) % r == 0:
                 x = x / 2  # RWKV-v4neo/src/model_run.py RESCALE_LAYER: keeps fp16 activations in range
-        return self.ln_out(x), State.stack(layers)
+        rnn = State.stack(layers)
+        return self.ln_out(x), (HybridState(rnn, tuple(new_caches)) if self.config.attn_layers else rnn)
+
+    def moe_aux_loss(self):
+        """The mean over layers of the MoE load-balancing losses of the last forward (moe.py)."""
+        losses = [block.ffn.moe.aux_loss for block in self.blocks]
+        return sum(losses) / len(losses)
 
     def forward(self, idx, targets=None, state=None, n_tokens=None):
         """idx, targets (B, T) -> logits (B, T, V) and the mean loss; without targets, the last position's logits.
@@ -266,15 +358,26 @@ class RWKV(nn.Module):
         then the return is (its summed loss / n_tokens, the state after it), so the segments' losses add up to the
         sample's mean loss (and L2Wrap's gradient to the sample's) and no (T, C) or (T, V) tensor outlives it."""
         x, new_state = self._body(self.emb(idx), state, 'forward')  # (B, T, C)
+        moe = self.config.moe_experts and self.training
         if state is not None:
             logits = self.head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction='sum') / n_tokens
-            return (L2Wrap.apply(loss, logits, n_tokens) if self.training else loss), new_state
+            if self.training:
+                loss = L2Wrap.apply(loss, logits, n_tokens)
+            if moe:  # this segment's share of the sample's load-balancing loss
+                self.last_moe_aux = self.moe_aux_loss()
+                loss = loss + self.config.moe_aux_coef * self.last_moe_aux * (idx.numel() / n_tokens)
+                self.last_moe_aux = self.last_moe_aux.detach()
+            return loss, new_state
         if targets is not None:
             logits = self.head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
             if self.training:
                 loss = L2Wrap.apply(loss, logits)
+            if moe:  # in training only: the eval loss is the cross-entropy alone, comparable with other models
+                aux = self.moe_aux_loss()
+                self.last_moe_aux = aux.detach()
+                loss = loss + self.config.moe_aux_coef * aux
         else:
             logits = self.head(x[:, [-1], :])  # (B, 1, V): inference needs only the last position
             loss = None
@@ -296,6 +399,7 @@ class RWKV(nn.Module):
         """RWKV-LM's fp16 inference trick (RWKV-v4neo/src/model_run.py): divide att.output and ffn.value of layer i
         by 2^(i // every) and halve x after every `every` layers. The same function in exact arithmetic, but fp16
         activations stay in range. Only for inference: it changes what the weights mean."""
+        self.check_rwkv4('rescale_for_fp16')
         if self.config.rescale_every:
             raise ValueError(f"the weights are already rescaled (rescale_every={self.config.rescale_every})")
         for i, block in enumerate(self.blocks):
@@ -304,8 +408,15 @@ class RWKV(nn.Module):
         self.config.rescale_every = every
         return self
 
+    def check_rwkv4(self, what):
+        """The RWKV-4 of RWKV-LM and transformers has no MoE nor attention layers: no file of theirs can hold them."""
+        if self.config.moe_experts or self.config.attn_layers:
+            raise ValueError(f"{what}: this model has {'MoE channel mixes' if self.config.moe_experts else 'attention layers'}, "
+                             f"which RWKV-LM's and transformers' RWKV-4 do not; keep train.py's checkpoint instead")
+
     def plain_state_dict(self):
         """The weights in RWKV-LM's own form (never rescaled), fp32 on the CPU, RWKV-LM's names."""
+        self.check_rwkv4('export')
         state = {k: v.detach().float().cpu().clone() for k, v in self.state_dict().items()}
         r = self.config.rescale_every
         for i in range(self.config.n_layer if r else 0):
@@ -394,12 +505,17 @@ class RWKV(nn.Module):
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self):
-        """Training FLOPs per token: every weight matrix is used once per token in a matmul, 2 FLOPs per weight
-        forward and 4 backward, hence 6 * (matrix params). The embedding is a lookup. The WKV recurrence and the
-        other elementwise work are not matmul FLOPs and, as softmax in the GPT count (PaLM appendix B), are not
-        counted."""
-        n_matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and n != 'emb.weight')
-        return 6 * n_matmul
+        """Training FLOPs per token: every weight matrix a token uses is used once in a matmul, 2 FLOPs per weight
+        forward and 4 backward, hence 6 * (matrix params); an MoE layer's experts count top_k / moe_experts (a token
+        visits top_k of them). The embedding is a lookup. The WKV recurrence and the other elementwise work are not
+        matmul FLOPs and, as softmax in the GPT count (PaLM appendix B), are not counted; an attention layer's
+        scores and weighted sum are, as in model_gpt.py."""
+        cfg = self.config
+        n_matmul = 0
+        for n, p in self.named_parameters():
+            if p.dim() == 2 and n != 'emb.weight':
+                n_matmul += p.numel() * (cfg.moe_top_k / cfg.moe_experts if '.experts.' in n else 1)
+        return 6 * n_matmul + sum(b.att.flops_per_token(cfg.block_size) for b in self.blocks if b.attention)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
         """Model FLOPs utilisation: achieved matmul FLOP/s over the device's peak FLOP/s."""

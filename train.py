@@ -73,11 +73,24 @@ OPTIONS = dict(
     model_type=Option('rwkv', "the model", ('rwkv', 'gpt')),
     n_layer=Option(12, "blocks", '>= 1'),
     n_embd=Option(768, "width", '>= 1'),
-    n_head=Option(12, "gpt only: attention heads (n_embd must be a multiple)", '>= 1'),
-    dropout=Option(0.0, "gpt only", '[0, 1)'),
+    n_head=Option(12, "attention heads of a gpt, or of an rwkv's attention layers (n_embd must be a multiple)",
+                  '>= 1'),
+    dropout=Option(0.0, "gpt: nanoGPT's; rwkv: RWKV-LM's, on the residual stream after each time and channel mix",
+                   '[0, 1)'),
     bias=Option(False, "gpt only: biases in Linears and LayerNorms"),
     wkv_backend=Option('auto', "rwkv only: the WKV implementation", BACKENDS),
     rwkv_lr_scale=Option(True, "rwkv only: RWKV-LM's layerwise_lr (time_decay x2, time_first x3)"),
+    attn_layers=Option([], "rwkv only: blocks whose time mix is causal softmax attention (a hybrid), e.g. [3]",
+                       '>= 0'),
+    attn_window=Option(0, "attention (gpt, rwkv attn_layers): each token sees the last attn_window tokens, itself "
+                          "included; 0 = all before it", '>= 0'),
+    attn_kv_heads=Option(0, "attention: grouped-query attention with this many K/V heads shared by the n_head query "
+                            "heads; 0 = n_head", '>= 0'),
+    moe_experts=Option(0, "> 0: every feed-forward (gpt MLP, rwkv channel mix) is a top-k mixture of this many "
+                          "experts", '>= 0'),
+    moe_top_k=Option(1, "moe: experts per token", '>= 1'),
+    moe_aux_coef=Option(0.01, "moe: weight of the load-balancing loss added to the training loss (Switch "
+                              "Transformer's alpha)", '>= 0'),
     # AdamW
     learning_rate=Option(6e-4, "peak learning rate", '> 0'),
     max_iters=Option(600000, "total iterations", '>= 0'),
@@ -136,12 +149,18 @@ def prepare_data(cfg, master):
 
 def new_model_args(cfg, vocab_size):
     """The config of a model trained from scratch."""
+    options = dict(dropout=cfg.dropout, attn_window=cfg.attn_window, attn_kv_heads=cfg.attn_kv_heads,
+                   moe_experts=cfg.moe_experts, moe_top_k=cfg.moe_top_k, moe_aux_coef=cfg.moe_aux_coef)
     if cfg.model_type == 'gpt':
+        if cfg.attn_layers:
+            raise ConfigError("attn_layers is an rwkv option (a hybrid's attention blocks); every gpt block is "
+                              "attention already")
         return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                    bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)
+                    bias=cfg.bias, vocab_size=vocab_size, **options)
     # RWKV-v4neo initialises the embedding as U(-lr_init, lr_init)
     return dict(n_layer=cfg.n_layer, n_embd=cfg.n_embd, block_size=cfg.block_size, vocab_size=vocab_size,
-                emb_init=cfg.learning_rate, wkv_backend=cfg.wkv_backend)
+                emb_init=cfg.learning_rate, wkv_backend=cfg.wkv_backend, attn_layers=cfg.attn_layers,
+                n_head=cfg.n_head, **options)
 
 
 def init_model(cfg, given, init, meta, ddir, master):
@@ -317,6 +336,9 @@ def main(argv):
     if sample_len > cfg.block_size and cfg.model_type != 'rwkv':
         raise ConfigError(f"ctx_len={cfg.ctx_len} > block_size={cfg.block_size} needs a state to carry between "
                           f"segments: RWKV only; for a GPT raise block_size instead")
+    if sample_len > cfg.block_size and cfg.model_type == 'rwkv' and model.config.attn_layers:
+        raise ConfigError(f"ctx_len={cfg.ctx_len} > block_size={cfg.block_size} carries a fixed-size state between "
+                          f"segments; attention layers (attn_layers) keep a KV cache instead: raise block_size")
     for split in ('train', 'val'):
         tokens = (ddir / f'{split}.bin').stat().st_size // 2
         if tokens <= sample_len:
@@ -486,7 +508,9 @@ def main(argv):
                 # this process's share; a sample of sample_len tokens is sample_len / block_size model passes
                 mfu = raw_model.estimate_mfu(cfg.batch_size * grad_accum * sample_len / cfg.block_size, dt, peak)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-            print(f"iter {iter_num}: loss {lossf:.6f}, time {dt * 1000:.2f}ms, "
+            # an MoE model's loss includes moe_aux_coef x the load-balancing loss, printed apart (last micro-step's)
+            aux = f", moe aux {raw_model.last_moe_aux.item():.4f}" if raw_model.config.moe_experts else ''
+            print(f"iter {iter_num}: loss {lossf:.6f}{aux}, time {dt * 1000:.2f}ms, "
                   f"tok/s {tokens_per_iter / dt:,.0f}, mfu {running_mfu * 100:.2f}%")
         iter_num += 1
         local_iter += 1
