@@ -45,12 +45,17 @@ DDP_TOLERANCE = 1e-5  # relative, on each logged loss; fp32 all-reduce sums in a
 
 @pytest.mark.parametrize('model_type,sharding', [('gpt', 'ddp'), ('rwkv', 'ddp'), ('gpt', 'fsdp'), ('rwkv', 'fsdp'),
                                                  ('rwkv', 'ddp segments'), ('rwkv', 'fsdp segments'),
-                                                 ('gpt', 'fsdp accumulation')])
+                                                 ('gpt', 'fsdp accumulation'), ('rwkv', 'ddp moe hybrid'),
+                                                 ('gpt', 'fsdp moe window gqa'), ('rwkv', 'fsdp moe segments')])
 def test_torchrun_two_processes_match_one(model_type, sharding, dataset, tmp_path):
     # the same global batch: 2 processes x 1 micro-step each vs 1 process x 2 micro-steps, the same data order;
     # 'segments': samples of 32 tokens in 2 segments of 16 (full BPTT, bptt.py); 'accumulation': 2 micro-steps per
-    # process, gradients reduced after the second only
+    # process, gradients reduced after the second only; 'moe': 4 experts, top-1 (some get no tokens in a step: they
+    # must still take part in the gradient reduction); 'hybrid': block 1 is windowed attention
     segmented = ['--block_size=16', '--ctx_len=32'] if 'segments' in sharding else []
+    segmented += ['--moe_experts=4', '--moe_top_k=1'] if 'moe' in sharding else []
+    segmented += ['--attn_layers=[1]', '--attn_window=8'] if 'hybrid' in sharding else []
+    segmented += ['--attn_window=8', '--attn_kv_heads=1'] if 'gqa' in sharding else []
     accumulate = 4 if 'accumulation' in sharding else 2
     common = args(model_type, dataset, tmp_path / 'one', 6, f'--gradient_accumulation_steps={accumulate}',
                   *segmented)
@@ -240,10 +245,14 @@ def test_activation_checkpointing_same_gradients(model_type):
     from model_gpt import GPT, GPTConfig
     from model_rwkv import RWKV, RWKVConfig
     torch.manual_seed(0)
-    if model_type == 'gpt':  # with dropout: the recomputation must replay the same masks
-        model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=3, n_head=2, n_embd=16, dropout=0.2))
+    # with dropout: the recomputation must replay the same masks; with MoE and (RWKV) an attention layer: their
+    # routing and caches are recomputed too
+    if model_type == 'gpt':
+        model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=3, n_head=2, n_embd=16, dropout=0.2,
+                              moe_experts=3, moe_top_k=2))
     else:
-        model = RWKV(RWKVConfig(block_size=16, vocab_size=11, n_layer=3, n_embd=16, wkv_backend='torch'))
+        model = RWKV(RWKVConfig(block_size=16, vocab_size=11, n_layer=3, n_embd=16, wkv_backend='torch',
+                                dropout=0.2, moe_experts=3, attn_layers=(1,), n_head=2, attn_window=5))
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.1 * torch.randn_like(p))
