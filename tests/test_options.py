@@ -252,16 +252,17 @@ def test_rwkv_dropout_acts_in_training_only():
 # ---------------------------------------------------------------------------------------------------------------------
 # through train.py and sample.py
 
-VARIANT_ARGS = {
-    'rwkv moe': ('rwkv', ['--moe_experts=4', '--moe_top_k=1']),
-    'rwkv hybrid': ('rwkv', ['--n_layer=3', '--attn_layers=[1]', '--attn_window=8', '--attn_kv_heads=1']),
-    'gpt window gqa moe': ('gpt', ['--attn_window=8', '--attn_kv_heads=1', '--moe_experts=2', '--moe_top_k=2']),
+VARIANT_ARGS = {  # the options, and one that changes the architecture (a resume must refuse it)
+    'rwkv moe': ('rwkv', ['--moe_experts=4', '--moe_top_k=1'], '--moe_experts=5'),
+    'rwkv hybrid': ('rwkv', ['--attn_layers=[1]', '--attn_window=8', '--attn_kv_heads=1'], '--attn_layers=[0]'),
+    'gpt window gqa moe': ('gpt', ['--attn_window=8', '--attn_kv_heads=1', '--moe_experts=2', '--moe_top_k=2'],
+                           '--attn_window=4'),
 }
 
 
 @pytest.mark.parametrize('variant', list(VARIANT_ARGS))
 def test_train_resume_and_sample(variant, dataset, tmp_path):
-    model_type, extra = VARIANT_ARGS[variant]
+    model_type, extra, other = VARIANT_ARGS[variant]
     r = run('train.py', *args(model_type, dataset, tmp_path / 'o', 6, *extra))
     assert r.returncode == 0, r.stderr
     evals = eval_lines(r.stdout)
@@ -269,9 +270,8 @@ def test_train_resume_and_sample(variant, dataset, tmp_path):
     if 'moe' in variant:
         assert all('moe aux' in line for line in r.stdout.splitlines() if line.startswith('iter '))
     # resuming with another architecture is refused; with the same one it continues
-    flag = extra[0].split('=')[0]
-    bad = run('train.py', *args(model_type, dataset, tmp_path / 'o', 8, '--init_from=resume', f'{flag}=5'))
-    one_line_error(bad, 'train.py', f'was trained with {flag[2:]}=')
+    bad = run('train.py', *args(model_type, dataset, tmp_path / 'o', 8, '--init_from=resume', other))
+    one_line_error(bad, 'train.py', f"was trained with {other[2:].split('=')[0]}=")
     r = run('train.py', *args(model_type, dataset, tmp_path / 'o', 8, '--init_from=resume'))
     assert r.returncode == 0 and 'resuming from' in r.stdout, r.stderr
     r = run('sample.py', f'--out_dir={tmp_path / "o"}', '--device=cpu', '--num_samples=1', '--max_new_tokens=40',
