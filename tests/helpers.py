@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from model_gpt import GPT, GPTConfig
@@ -49,6 +50,17 @@ def loss_lines(stdout):
 
 def args(model_type, data, out, max_iters, *extra):
     return [*tiny_args(model_type, data, out, max_iters), '--log_interval=1', '--eval_interval=6', *extra]
+
+
+def word_tokenizer(path, words):
+    tokenizers = pytest.importorskip('tokenizers')
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    vocab = {'<|endoftext|>': 0, '[UNK]': 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = tokenizers.Tokenizer(WordLevel(vocab, unk_token='[UNK]'))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(path))
+    return vocab
 
 
 

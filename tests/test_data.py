@@ -7,18 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO, one_line_error
-
-
-def word_tokenizer(path, words):
-    tokenizers = pytest.importorskip('tokenizers')
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    vocab = {'<|endoftext|>': 0, '[UNK]': 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = tokenizers.Tokenizer(WordLevel(vocab, unk_token='[UNK]'))
-    tok.pre_tokenizer = Whitespace()
-    tok.save(str(path))
-    return vocab
+from helpers import REPO, one_line_error, word_tokenizer
 
 
 def test_openwebtext_prepare_on_a_local_file(tmp_path):

@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from attention import CausalSelfAttention
-from helpers import args, eval_lines, one_line_error, run, tiny_gpt, tiny_rwkv
+from helpers import args, eval_lines, one_line_error, run, tiny_gpt, tiny_rwkv, word_tokenizer
 from model_gpt import GPT, GPTConfig
 from model_rwkv import RWKV, RWKVConfig
 from moe import MoE
@@ -308,3 +307,25 @@ def test_exports_refuse_what_the_formats_cannot_hold(tmp_path):
         tiny_rwkv(moe_experts=2).save_pth(tmp_path / 'r.pth')
     with pytest.raises(ValueError, match='attention layers'):
         tiny_rwkv(attn_layers=(0,), n_head=2).save_pretrained(tmp_path / 'r')
+
+
+def test_tinystories_configs_run_on_a_local_text_file(tmp_path):
+    """The TinyStories configs (GPU-sized, and the CPU one on a local file) with their sizes shrunk: every key they set
+    exists and their models train; the data comes from a local .txt through data/tinystories/prepare.py."""
+    words = ['once', 'upon', 'a', 'time', 'there', 'was', 'cat', 'dog', 'happy', 'sad', 'the', 'end']
+    rng = torch.Generator().manual_seed(0)
+    stories = [' '.join(words[i] for i in torch.randint(0, len(words), (40,), generator=rng)) for _ in range(300)]
+    (tmp_path / 'stories.txt').write_text('\n'.join(stories) + '\n')
+    word_tokenizer(tmp_path / 'tok.json', words)
+    data = tmp_path / 'ts'
+    r = run('data/tinystories/prepare.py', f'--source={tmp_path / "stories.txt"}', f'--tokenizer={tmp_path / "tok.json"}',
+            f'--out_dir={data}', '--val_every=10', '--num_proc=1')
+    assert r.returncode == 0, r.stderr[-2000:]
+    small = [f'--data_dir={data}', '--device=cpu', '--n_embd=32', '--block_size=32', '--batch_size=4',
+             '--gradient_accumulation_steps=1', '--max_iters=4', '--eval_interval=4', '--eval_iters=2', '--compile=False',
+             '--warmup_iters=1', '--log_interval=1']
+    for config in ('rwkv', 'gpt', 'hybrid', 'cpu'):
+        r = run('train.py', f'config/train_tinystories_{config}.py', *small, f'--out_dir={tmp_path / config}')
+        assert r.returncode == 0, (config, r.stderr[-2000:])
+        evals = eval_lines(r.stdout)
+        assert evals[-1][2] < evals[0][2], config
