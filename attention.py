@@ -61,29 +61,42 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, n_kv, T, hs)
         past = cache.pos if cache is not None else 0
-        q_pos = torch.arange(past, past + T, device=x.device)  # (T,)
-        if cache is None:
-            keys, values, k_pos = k, v, q_pos
+        dropout = self.dropout if self.training else 0.0
+        if cache is not None and T == 1 and (not self.window or past >= self.window):
+            # a decoding step once the cache is full: the new token sees exactly the updated cache (its window), so
+            # it is written first and attended to whole, with no mask
+            new_cache = self.update_cache(cache, k, v, past + 1)
+            y = self.attend(q, new_cache.k, new_cache.v, 'all', dropout)  # (B, nh, 1, hs)
         else:
-            keys = torch.cat([cache.k, k.to(cache.k.dtype)], dim=2)  # (B, n_kv, S + T, hs)
-            values = torch.cat([cache.v, v.to(cache.v.dtype)], dim=2)
-            k_pos = torch.cat([self.slot_positions(cache, x.device), q_pos])  # (S + T,)
+            q_pos = torch.arange(past, past + T, device=x.device)  # (T,)
+            if cache is None:
+                keys, values, k_pos = k, v, q_pos
+            else:
+                keys = torch.cat([cache.k, k.to(cache.k.dtype)], dim=2)  # (B, n_kv, S + T, hs)
+                values = torch.cat([cache.v, v.to(cache.v.dtype)], dim=2)
+                k_pos = torch.cat([self.slot_positions(cache, x.device), q_pos])  # (S + T,)
+            if cache is None and not self.window:
+                mask = 'causal'  # SDPA's is_causal: flash attention where the device has it
+            else:
+                delta = q_pos[:, None] - k_pos[None, :]  # (T, S + T): how far back each key is; unwritten slots < 0
+                mask = (delta >= 0) & (k_pos[None, :] >= 0)
+                if self.window:
+                    mask &= delta < self.window
+            y = self.attend(q, keys, values, mask, dropout)  # (B, nh, T, hs)
+            new_cache = self.update_cache(cache, k, v, past + T) if use_cache else None
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y)), new_cache
+
+    def attend(self, q, keys, values, mask, dropout):
+        """Softmax attention of q (B, nh, T, hs) over keys, values (B, n_kv, S, hs); mask: 'causal' (S = T), 'all'
+        or a (T, S) boolean of what each query may see."""
         group = self.n_head // self.n_kv_head
         if group > 1:  # each K/V head serves `group` consecutive query heads
             keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-        dropout = self.dropout if self.training else 0.0
-        if cache is None and not self.window:
-            y = F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
-        else:
-            delta = q_pos[:, None] - k_pos[None, :]  # (T, S + T): how far back each key is; unwritten slots < 0
-            mask = (delta >= 0) & (k_pos[None, :] >= 0)
-            if self.window:
-                mask &= delta < self.window
-            y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                               dropout_p=dropout)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
-        new_cache = self.update_cache(cache, k, v, past + T) if use_cache else None
-        return self.resid_dropout(self.c_proj(y)), new_cache
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        if isinstance(mask, str):
+            return F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout, is_causal=mask == 'causal')
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
 
     def slot_positions(self, cache, device):
         """The absolute position held in each slot of the cache, -1 for a ring slot not written yet."""

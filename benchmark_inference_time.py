@@ -1,7 +1,10 @@
 """
-Per-token latency and memory of RWKV (RNN mode, constant state) vs GPT (KV cache) as the context grows.
+Per-token latency and memory of RWKV (RNN mode, constant state) vs GPT (KV cache) as the context grows, and of the
+two constant-memory attention options beside them: an RWKV hybrid whose attention layers are windowed (a ring buffer
+of attn_window keys and values each) and a GPT with the same window (Mistral-style). Full attention (gpt, or a hybrid
+with attn_window=0) keeps every key and value: its cache grows with the context, and the table says so.
 
-Both models are this repository's, randomly initialised at the same depth, width and vocabulary, generating greedily
+All models are this repository's, randomly initialised at the same depth, width and vocabulary, generating greedily
 one token at a time from an empty history. At every step we record the step's latency, the cumulative time and the
 memory: on a GPU the peak allocated memory; on a CPU the bytes of the RWKV state / GPT KV cache and the process RSS.
 
@@ -29,10 +32,15 @@ from hardware import DEVICE, resolve_device, run_provenance
 OPTIONS = dict(
     device=Option('auto', "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...", DEVICE),
     dtype=Option('float32', "weights and activations (the RWKV state stays fp32)", ('float32', 'bfloat16', 'float16')),
-    models=Option(['rwkv', 'gpt'], "the models to run, in order", ('rwkv', 'gpt')),
-    n_layer=Option(6, "blocks of both models", '>= 1'),
-    n_embd=Option(512, "width of both models", '>= 1'),
-    n_head=Option(8, "gpt only: attention heads (n_embd must be a multiple)", '>= 1'),
+    models=Option(['rwkv', 'gpt', 'hybrid', 'gpt_window'], "the models to run, in order",
+                  ('rwkv', 'gpt', 'hybrid', 'gpt_window')),
+    n_layer=Option(6, "blocks of every model", '>= 1'),
+    n_embd=Option(512, "width of every model", '>= 1'),
+    n_head=Option(8, "attention heads (gpt, and the hybrid's attention layers; n_embd must be a multiple)", '>= 1'),
+    hybrid_layers=Option([2, 5], "hybrid: the blocks that are attention (one in three of L6)", '>= 0'),
+    attn_window=Option(256, "hybrid and gpt_window: each token attends to the last attn_window tokens; 0 = all",
+                       '>= 0'),
+    attn_kv_heads=Option(0, "attention: grouped-query K/V heads, 0 = n_head", '>= 0'),
     vocab_size=Option(50277, "vocabulary of both models", '>= 1'),
     n_tokens=Option(4096, "tokens generated per model, from an empty context", '>= 1'),
     report_at=Option([64, 256, 1024, 4096], "context lengths in the summary (those <= n_tokens)", '>= 1'),
@@ -53,25 +61,32 @@ def make_model(name, cfg, dtype, device):
 
 
 def build(name, cfg):
-    if name == 'rwkv':
+    attention = dict(n_head=cfg.n_head, attn_kv_heads=cfg.attn_kv_heads)
+    if name in ('rwkv', 'hybrid'):
         from model_rwkv import RWKV, RWKVConfig
+        hybrid = dict(attn_layers=cfg.hybrid_layers, attn_window=cfg.attn_window, **attention) if name == 'hybrid' \
+            else {}
         model = RWKV(RWKVConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
-                                block_size=cfg.n_tokens))
+                                block_size=cfg.n_tokens, **hybrid))
         with torch.no_grad():  # v4neo's init zeroes several matrices; random weights make every matmul real work
             for n, p in model.named_parameters():
                 if p.dim() == 2:
                     p.normal_(0, 0.02)
-    elif name == 'gpt':
+    else:
         from model_gpt import GPT, GPTConfig
-        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
-                              vocab_size=cfg.vocab_size, block_size=cfg.n_tokens, bias=False))
+        window = cfg.attn_window if name == 'gpt_window' else 0
+        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+                              block_size=cfg.n_tokens, bias=False, attn_window=window, **attention))
     return model
 
 
 def cache_bytes(cache):
-    """Bytes of the RWKV State (a tuple of tensors) or the GPT KV cache (a list of per-layer (k, v) pairs)."""
-    tensors = [t for item in cache for t in (item if isinstance(item, tuple) else (item,))]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of the tensors in a model's state: the RWKV State, a hybrid's State and KV caches, GPT's KV caches."""
+    if isinstance(cache, torch.Tensor):
+        return cache.numel() * cache.element_size()
+    if isinstance(cache, (tuple, list)):
+        return sum(cache_bytes(item) for item in cache)
+    return 0  # a position counter, or a cache not created yet (None)
 
 
 def rss_bytes():
@@ -129,12 +144,13 @@ def summarize(rows, cfg):
 
 def print_table(at, summary):
     print(f"| model | {' | '.join(f'ms/token @{n}' for n in at)} | @{at[-1]} / @{at[0]} | "
-          f"state/cache MB @{at[0]} -> @{at[-1]} | total s |")
-    print('|---' * (len(at) + 4) + '|')
+          f"state/cache MB @{at[0]} -> @{at[-1]} | memory per token | total s |")
+    print('|---' * (len(at) + 5) + '|')
     for name, s in summary.items():
         cells = ' | '.join(f"{s['ms_per_token'][n]:.3f}" for n in at)
+        grows = 'grows with the context' if s['cache_mb_last'] > s['cache_mb_first'] else 'constant'
         print(f"| {name} | {cells} | {s['ratio_last_first']:.3f} | {s['cache_mb_first']:.3f} -> "
-              f"{s['cache_mb_last']:.3f} | {s['total_s']:.1f} |")
+              f"{s['cache_mb_last']:.3f} | {grows} | {s['total_s']:.1f} |")
 
 
 def figure(rows, title):
@@ -155,7 +171,7 @@ def figure(rows, title):
             axes[2].plot(n, [r[mem_key] - mine[0][mem_key] for r in mine], color=line.get_color(),
                          label=f"{name} (process RSS growth)")
         axes[2].plot(n, [r['cache_mb'] for r in mine], color=line.get_color(), ls='--',
-                     label=f"{name} ({'state' if name == 'rwkv' else 'KV cache'})")
+                     label=f"{name} ({'state' if name == 'rwkv' else 'state + KV cache' if name == 'hybrid' else 'KV cache'})")
     for ax, ylabel, t in zip(axes, ['ms', 's', 'MB'], ['single-token latency', 'cumulative latency', 'memory']):
         ax.set(xlabel='#tokens', ylabel=ylabel, title=t)
         ax.grid(alpha=0.3)
