@@ -32,18 +32,22 @@ def table(stdout, first_cell):
 
 
 def test_inference_time_benchmark(tmp_path):
-    n = 40
+    n, W = 40, 16
     out = script('benchmark_inference_time.py', f'--n_layer={L}', f'--n_embd={C}', '--n_head=2', f'--vocab_size={V}',
-                 f'--n_tokens={n}', '--report_at=[8, 40]', '--window=4', f'--out={tmp_path}/it',
-                 f'--plot={tmp_path}/it.png', '--device=cpu', cwd=tmp_path)
+                 f'--n_tokens={n}', '--report_at=[8, 40]', '--window=4', f'--out={tmp_path}/it', '--hybrid_layers=[1]',
+                 f'--attn_window={W}', f'--plot={tmp_path}/it.png', '--device=cpu', cwd=tmp_path)
     rows = list(csv.DictReader(open(tmp_path / 'it.csv')))
-    assert [(r['model'], int(r['tokens'])) for r in rows] == [(m, i) for m in ('rwkv', 'gpt') for i in range(1, n + 1)]
-    for r in rows:  # memory from the shapes alone (fp32): RWKV (L, 5, 1, C), GPT K and V of (1, C) per layer and token
-        want = L * 5 * C * 4 if r['model'] == 'rwkv' else 2 * L * int(r['tokens']) * C * 4
-        assert float(r['cache_mb']) * 2 ** 20 == pytest.approx(want)
+    models = ('rwkv', 'gpt', 'hybrid', 'gpt_window')
+    assert [(r['model'], int(r['tokens'])) for r in rows] == [(m, i) for m in models for i in range(1, n + 1)]
+    for r in rows:  # memory from the shapes alone (fp32): RWKV (L, 5, 1, C); K and V of (1, C) per attention layer and
+        # token kept: every token for GPT, a ring of W for the windowed ones (allocated whole at the first token)
+        want = {'rwkv': L * 5 * C * 4, 'gpt': 2 * L * int(r['tokens']) * C * 4,
+                'hybrid': L * 5 * C * 4 + 2 * 1 * W * C * 4, 'gpt_window': 2 * L * W * C * 4}[r['model']]
+        assert float(r['cache_mb']) * 2 ** 20 == pytest.approx(want), r['model']
         assert float(r['ms_per_token']) > 0 and float(r['rss_mb']) > 0
     meta = json.loads((tmp_path / 'it.json').read_text())
-    assert set(meta['summary']) == {'rwkv', 'gpt'} and len(meta['rows']) == 2 * n
+    assert set(meta['summary']) == set(models) and len(meta['rows']) == 4 * n
+    assert [row[-2] for row in table(out, 'model')] == ['constant', 'grows with the context', 'constant', 'constant']
     assert set(meta['summary']['gpt']['ms_per_token']) == {'8', '40'}
     assert table(out, 'model')[0][0] == 'rwkv'
     # the PNG is an image, and the figure behind it has the three panels
@@ -75,12 +79,29 @@ def test_decode_benchmark(tmp_path):
     assert all(float(row[i].replace(',', '')) > 0 for i in (3, 4, 6, 8))  # pip, ours, compiled, batched
 
 
+def test_options_benchmark(tmp_path):
+    out = script('benchmarks/bench_options.py', f'--n_layer={L}', f'--n_embd={C}', '--n_head=2', f'--vocab_size={V}',
+                 '--block_size=16', '--batch_size=2', '--rounds=1', '--iters=1', cwd=tmp_path)
+    quick, scaling = out.split('MoE cost against E and k')
+    rows = table(quick, 'model')
+    assert [r[0].split(' ')[:3] for r in rows] == [['rwkv'], ['rwkv', '+', 'moe'], ['rwkv', 'hybrid', '(block'],
+                                                    ['gpt'], ['gpt', '+', 'window'], ['gpt', '+', 'gqa']]
+    assert all(float(r[4]) > 0 for r in rows)
+    moe = {r[0]: r for r in table(scaling, 'model')}
+    assert len(moe) == 6
+    for k in (1, 2):  # the parameters a token uses, and its FLOPs, grow with k; with E only by the router (E x C)
+        used = [int(moe[f'rwkv moe E={E} k={k}'][2].replace(',', '')) for E in (2, 4, 8)]
+        assert used[2] - used[0] == L * 6 * C  # 6 more router rows per layer
+    assert float(moe['rwkv moe E=4 k=2'][3]) > float(moe['rwkv moe E=4 k=1'][3])
+
+
 @pytest.mark.parametrize('name', ['benchmark_inference_time.py', 'benchmarks/bench_train.py',
                                   'benchmarks/bench_decode.py', 'benchmarks/bench_wkv.py', 'train.py', 'sample.py',
                                   'export.py', 'data/shakespeare_char/prepare.py', 'data/shakespeare/prepare.py',
                                   'data/openwebtext/prepare.py', 'data/openwebtext_neox/prepare.py',
                                   'data/tinystories/prepare.py', 'assets/make_animations.py',
-                                  'benchmarks/bench_infctx.py', 'benchmarks/bench_long_range.py'])
+                                  'benchmarks/bench_infctx.py', 'benchmarks/bench_long_range.py',
+                                  'benchmarks/bench_options.py'])
 def test_help_documents_every_option(name, tmp_path, monkeypatch):
     out = script(name, '--help', cwd=tmp_path)
     monkeypatch.setattr(sys, 'path', list(sys.path))  # the data scripts put the repository root on it
