@@ -37,6 +37,8 @@ def main(argv):
             model.save_pretrained(dest)
             # the tokenizer the model was trained with, for sample.py and for people
             (dest / 'nanorwkv_tokenizer.json').write_text(json.dumps(ckpt.get('tokenizer', {'tokenizer': 'gpt2'})))
+    except ValueError as e:  # a model the format cannot hold (MoE, attention options)
+        raise ConfigError(str(e)) from e
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         raise ConfigError(f"could not write {dest} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
                           f"pick a writable --dest") from e

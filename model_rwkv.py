@@ -465,10 +465,10 @@ class RWKV(nn.Module):
         """Write a Hugging Face format directory (config.json + model.safetensors) that transformers loads as
         RwkvForCausalLM."""
         from safetensors.torch import save_file
+        state = {hf_name(k): v for k, v in self.plain_state_dict().items()}
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({hf_name(k): v for k, v in self.plain_state_dict().items()}, directory / 'model.safetensors',
-                  metadata={'format': 'pt'})
+        save_file(state, directory / 'model.safetensors', metadata={'format': 'pt'})
         cfg = self.config
         # rescale_every 6 is transformers' default: it rescales at inference time itself, in its own copy
         hf = {'architectures': ['RwkvForCausalLM'], 'model_type': 'rwkv', 'vocab_size': cfg.vocab_size,

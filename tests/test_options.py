@@ -276,6 +276,9 @@ def test_train_resume_and_sample(variant, dataset, tmp_path):
     r = run('sample.py', f'--out_dir={tmp_path / "o"}', '--device=cpu', '--num_samples=1', '--max_new_tokens=40',
             '--start=abc')
     assert r.returncode == 0 and len(r.stdout) > 40, r.stderr
+    r = run('export.py', f'--out_dir={tmp_path / "o"}', '--format=hf', f'--dest={tmp_path / "hf"}')
+    one_line_error(r, 'export.py', 'GPT2LMHeadModel has no' if model_type == 'gpt' else 'RWKV-4 do not')
+    assert not (tmp_path / 'hf').exists()
 
 
 BAD = [
