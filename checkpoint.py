@@ -321,13 +321,20 @@ def load_state_checked(model, state, source):
             own[k].copy_(v)
 
 
-def load_pretrained(init_from, wkv_backend='auto'):
+def load_pretrained(init_from, wkv_backend='auto', for_training=False):
     """(model, model type, tokenizer spec) for a pretrained model: gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face format
-    directory (RWKV or GPT-2) or an official RWKV-4 .pth. Errors are ConfigErrors of one line."""
+    directory (RWKV or GPT-2), an official RWKV-4 .pth, or a quantized .safetensors of export.py (inference only).
+    Errors are ConfigErrors of one line."""
     from model_gpt import GPT
     from model_rwkv import RWKV
+    from quantize import is_quantized_file, load_quantized
     path = Path(init_from)
     try:
+        if is_quantized_file(path):
+            if for_training:
+                raise ConfigError(f"{path} is a quantized model, for inference only: train from the float checkpoint "
+                                  f"it was exported from (--init_from=resume in its out_dir)")
+            return load_quantized(path)
         if init_from in GPT.HUB_NAMES:
             return GPT.from_pretrained(init_from), 'gpt', {'tokenizer': 'gpt2'}
         if init_from in RWKV.HUB_NAMES:
@@ -353,4 +360,4 @@ def load_pretrained(init_from, wkv_backend='auto'):
     except ValueError as e:  # from_pretrained's errors are one line already
         raise ConfigError(str(e)) from e
     raise ConfigError(f"init_from={init_from!r}: expected {', '.join(GPT.HUB_NAMES)}, RWKV/rwkv-4-{{169m,430m,1b5,"
-                      f"3b,7b,14b}}-pile, a Hugging Face directory or an RWKV-4 .pth")
+                      f"3b,7b,14b}}-pile, a Hugging Face directory, an RWKV-4 .pth or a quantized .safetensors")

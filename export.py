@@ -6,6 +6,9 @@ $ python export.py --out_dir=out-shakespeare-char --format=pth --dest=rwkv-shake
 
 format 'hf': config.json + model.safetensors, loaded by transformers as RwkvForCausalLM or GPT2LMHeadModel.
 format 'pth': RWKV only, the official RWKV-4 .pth of BlinkDL's RWKV-LM, which the rwkv pip package runs.
+formats 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4': the model quantized for CPU inference (quantize.py), one .safetensors
+  that sample.py --init_from=<file> and RWKV/GPT.from_pretrained load without the checkpoint;
+  --head=True/False overrides the format's default for the output head.
 """
 import json
 from pathlib import Path
@@ -15,9 +18,12 @@ from configurator import ConfigError, Option, parse_config, run_script
 
 OPTIONS = dict(
     out_dir=Option('out', "the directory with the checkpoints (the newest intact one is exported)"),
-    format=Option('hf', "'hf' (a transformers directory) or 'pth' (RWKV only: the official RWKV-4 .pth)",
-                  ('hf', 'pth')),
-    dest=Option('', "the directory (hf) or file (pth) to write"),
+    format=Option('hf', "'hf' (a transformers directory), 'pth' (RWKV only: the official RWKV-4 .pth), or a "
+                        "quantization format (a .safetensors for CPU inference)",
+                  ('hf', 'pth', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4')),
+    dest=Option('', "the directory (hf) or file (pth, quantized) to write"),
+    head=Option('default', "quantized formats: quantize the output head too ('default': quantize.DEFAULT_HEAD)",
+                ('default', True, False)),
 )
 
 
@@ -33,6 +39,10 @@ def main(argv):
     try:
         if cfg.format == 'pth':
             model.save_pth(dest)
+        elif cfg.format not in ('hf', 'pth'):
+            from quantize import save_quantized
+            model.quantize_(cfg.format, head=None if cfg.head == 'default' else cfg.head)
+            save_quantized(model, dest, ckpt['model_type'], ckpt.get('tokenizer'))
         else:
             model.save_pretrained(dest)
             # the tokenizer the model was trained with, for sample.py and for people

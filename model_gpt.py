@@ -170,6 +170,18 @@ class GPT(nn.Module):
         x, cache = self._body(token[:, None], cache)
         return self.lm_head(x[:, 0]), cache
 
+    def quantize_(self, fmt, head=None):
+        """Quantize the weight matrices in place for CPU inference (quantize.py): fmt one of int8, q8_0, q5_1, q4_0,
+        int4; head=None takes quantize.DEFAULT_HEAD[fmt]. The embeddings, LayerNorms and biases stay
+        fp32 (a quantized lm_head unties it from the embedding, which stays fp32)."""
+        from quantize import DEFAULT_HEAD, quantizable, quantize_linears
+        if getattr(self, 'quantized', None):
+            raise ValueError(f"the model is already quantized ({self.quantized[0]})")
+        head = DEFAULT_HEAD.get(fmt, False) if head is None else head
+        quantize_linears(self, quantizable(self, head, 'lm_head'), fmt)
+        self.quantized = (fmt, head)
+        return self
+
     def crop_block_size(self, block_size):
         """Shrink the context length of a model, e.g. a pretrained 1024 one to a smaller block_size."""
         assert block_size <= self.config.block_size

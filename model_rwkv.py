@@ -314,8 +314,8 @@ class RWKV(nn.Module):
     def initial_state(self, B, device=None):
         """The State of an empty history, slots (n_layer, B, C): pp = -1e38, the rest 0. A hybrid's is a
         HybridState of that State and an empty KV cache per attention layer."""
-        device = device or self.head.weight.device
-        dtype = torch.promote_types(self.head.weight.dtype, torch.float32)  # fp32, or fp64 for a fp64 model
+        device = device or self.emb.weight.device
+        dtype = torch.promote_types(self.emb.weight.dtype, torch.float32)  # fp32, or fp64 for a fp64 model
         L, C = self.config.n_layer, self.config.n_embd
         aa, bb, pp = initial_state(B, C, device, dtype)
         zeros = torch.zeros(L, B, C, device=device, dtype=dtype)
@@ -406,6 +406,17 @@ class RWKV(nn.Module):
             block.att.output.weight.div_(2 ** (i // every))
             block.ffn.value.weight.div_(2 ** (i // every))
         self.config.rescale_every = every
+        return self
+
+    def quantize_(self, fmt, head=None):
+        """Quantize the weight matrices in place for CPU inference (quantize.py): fmt one of int8, q8_0, q5_1, q4_0,
+        int4; head=None takes quantize.DEFAULT_HEAD[fmt]. The embedding, LayerNorms and time_* vectors stay fp32."""
+        from quantize import DEFAULT_HEAD, quantizable, quantize_linears
+        if getattr(self, 'quantized', None):
+            raise ValueError(f"the model is already quantized ({self.quantized[0]})")
+        head = DEFAULT_HEAD.get(fmt, False) if head is None else head
+        quantize_linears(self, quantizable(self, head, 'head'), fmt)
+        self.quantized = (fmt, head)
         return self
 
     def check_rwkv4(self, what):

@@ -36,6 +36,8 @@ OPTIONS = dict(
     dtype=Option('auto', "'auto' (bf16 / fp16 on GPUs, fp32 on the CPU), 'float32', 'bfloat16', 'float16'", DTYPES),
     mode=Option('auto', "'auto' (rnn for RWKV, parallel for GPT), 'rnn' or 'parallel'", ('auto', 'rnn', 'parallel')),
     stop_at_eot=Option(False, "stop a sample at <|endoftext|> (BPE tokenizers)"),
+    quantize=Option('', "'' (as loaded), or quantize the weights for CPU inference: int8, q8_0, q5_1, q4_0, int4 "
+                        "(quantize.py)", ('', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4')),
 )
 
 
@@ -55,6 +57,14 @@ def main(argv):
     mode = cfg.mode if cfg.mode != 'auto' else ('rnn' if model_type == 'rwkv' else 'parallel')
     if mode == 'rnn' and model_type != 'rwkv':
         raise ConfigError("mode='rnn' needs an RWKV model; this checkpoint is a GPT: use --mode=parallel")
+    if cfg.quantize:
+        if device != 'cpu':
+            raise ConfigError(f"--quantize is CPU inference; use --device=cpu (got {device})")
+        if getattr(model, 'quantized', None):
+            raise ConfigError(f"{cfg.init_from} is quantized already ({model.quantized[0]}); drop --quantize")
+        model.quantize_(cfg.quantize)
+    elif getattr(model, 'quantized', None) and device != 'cpu':
+        raise ConfigError(f"{cfg.init_from} is a quantized model, which runs on the CPU: use --device=cpu")
     model.eval().to(device)
     encode, decode, eot = get_codec(spec)
 

@@ -179,7 +179,7 @@ def init_model(cfg, given, init, meta, ddir, master):
         if master:
             print(f"resuming from {path} at iteration {checkpoint['iter_num']}")
         return model_from_checkpoint(checkpoint), checkpoint
-    model, cfg.model_type, spec = load_pretrained(init, cfg.wkv_backend)
+    model, cfg.model_type, spec = load_pretrained(init, cfg.wkv_backend, for_training=True)
     data_tokenizer = (meta or {'tokenizer': 'gpt2'}).get('tokenizer')
     if spec['tokenizer'] != 'file' and data_tokenizer != spec['tokenizer']:
         raise ConfigError(f"{ddir} is tokenized with '{data_tokenizer}' but {init} reads '{spec['tokenizer']}': "

@@ -139,7 +139,7 @@ def build_extension(kind, build_directory=None, verbose=False):
         from torch.utils.cpp_extension import load
     finally:
         log.setLevel(level)
-    sources = [HERE / 'wkv_op.cpp', HERE / 'wkv_cpu.cpp']
+    sources = [HERE / 'wkv_op.cpp', HERE / 'wkv_cpu.cpp', HERE / 'qlinear_cpu.cpp']
     # -ffast-math lets gcc vectorise expf through glibc's libmvec; the recurrence never produces inf or NaN
     cflags = ['-O3', '-fopenmp', '-ffast-math']
     name = f'nanorwkv_wkv_{kind}'

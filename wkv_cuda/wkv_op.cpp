@@ -1,5 +1,6 @@
-// Python binding of the WKV kernels: checks devices, dtypes, shapes and contiguity with messages that say what to
-// do, allocates the outputs, and passes raw pointers to wkv_cpu.cpp or (built with -DWKV_WITH_CUDA) wkv_cuda.cu.
+// Python binding of the WKV kernels and of the quantized matrix products (qlinear_cpu.cpp): checks devices, dtypes,
+// shapes and contiguity with messages that say what to do, allocates the outputs, and passes raw pointers to
+// wkv_cpu.cpp, qlinear_cpu.cpp or (built with -DWKV_WITH_CUDA) wkv_cuda.cu.
 // Supported: float32 and float64 everywhere; bfloat16 k, v on CUDA (the caller converts them to float on the CPU).
 // The state and w, u are float32, or float64 for float64 inputs.
 #include <torch/extension.h>
@@ -12,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "qlinear.h"
 #include "wkv.h"
 
 namespace {
@@ -138,7 +140,38 @@ std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Ten
     return {gw.sum(0), gu.sum(0), gk, gv, gaa, gbb, gpp};
 }
 
+// y (B, O) = x (B, I) @ dequantize(W)^T for W stored in format fmt (qlinear.h); m and qh are empty where unused
+torch::Tensor qlinear(torch::Tensor x, int64_t fmt, torch::Tensor q, torch::Tensor d, torch::Tensor m,
+                      torch::Tensor qh) {
+    TORCH_CHECK(fmt >= 0 && fmt <= 4, "qlinear: unknown format ", fmt);
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && !x.is_cuda(),
+                "qlinear: x must be a contiguous float32 (B, I) CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+    const int64_t B = x.size(0), I = x.size(1), O = q.size(0), nb = I / 32;
+    TORCH_CHECK(I % 32 == 0, "qlinear: in_features ", I, " must be a multiple of 32");
+    const bool nibbles = fmt >= 2;
+    const auto qtype = fmt <= 1 ? at::kChar : at::kByte;
+    TORCH_CHECK(q.dim() == 2 && q.size(1) == (nibbles ? I / 2 : I) && q.scalar_type() == qtype && q.is_contiguous(),
+                "qlinear: q has shape ", q.sizes(), " and dtype ", q.scalar_type(), ", expected (O, ",
+                nibbles ? I / 2 : I, ") ", qtype);
+    auto check_f = [&](const torch::Tensor &t, const char *name, int64_t cols) {
+        TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 && t.size(0) == O &&
+                    t.size(1) == cols, "qlinear: ", name, " must be contiguous float32 (", O, ", ", cols, "), got ",
+                    t.sizes(), " ", t.scalar_type());
+    };
+    check_f(d, "d", fmt == 0 ? 1 : nb);
+    if (fmt >= 3) check_f(m, "m", nb);
+    if (fmt == 3)
+        TORCH_CHECK(qh.scalar_type() == at::kInt && qh.is_contiguous() && qh.numel() == O * nb,
+                    "qlinear: qh must be contiguous int32 (O, I/32)");
+    auto y = torch::empty({B, O}, x.options());
+    qlinear_cpu(static_cast<int>(fmt), B, O, I, x.data_ptr<float>(), q.data_ptr(), d.data_ptr<float>(),
+                fmt >= 3 ? m.data_ptr<float>() : nullptr, fmt == 3 ? qh.data_ptr<int32_t>() : nullptr,
+                y.data_ptr<float>());
+    return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("qlinear", &qlinear, "quantized linear: (x, fmt, q, d, m, qh) -> x @ dequantize(W)^T");
     m.def("forward", &forward, "WKV forward: (w, u, k, v, aa, bb, pp) -> (y, aa, bb, pp)");
     m.def("backward", &backward,
           "WKV backward: (w, u, k, v, aa, bb, pp, gy, gaa_out, gbb_out) -> (gw, gu, gk, gv, gaa, gbb, gpp)");

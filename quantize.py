@@ -1,0 +1,236 @@
+"""
+Weight-only quantization for CPU inference (rwkv.cpp's and smolrsrwkv's idea): decoding one token reads every weight
+once, so it runs at memory speed, and fewer bytes per weight is the speed-up. The matrices of the blocks (and, by
+choice, the head) are stored quantized and multiplied by the compiled kernel in wkv_cuda/qlinear_cpu.cpp, which widens
+each block in registers; activations, the RNN state, LayerNorms, the time_* vectors and the embedding stay fp32.
+
+Formats (blocks of 32 along the input dimension; ggml's are bit-for-bit ggml's `quantize_row_*_ref`, ggml-quants.c,
+so their quality compares one-to-one with rwkv.cpp's):
+- int8: one symmetric scale per output row, d = max|w| / 127, q = round(w / d);               8 bits + 32 per row
+- q8_0: ggml block_q8_0: d = max|w| / 127 per block (fp16), q = round(w / d);                   8.5 bits per weight
+- q5_1: ggml block_q5_1: d = (max - min) / 31, m = min (fp16 each), q = round((w - min) / d), 5 bits; 6 bits
+- q4_0: ggml block_q4_0: d = (the value of largest magnitude) / -8 (fp16), q = min(15, floor(w / d + 8.5)); 4.5 bits
+- int4: group-32 asymmetric, d = (max - min) / 15, m = min (fp32 each), q = floor((w - min) / d + 0.5); 6 bits
+The 4-bit formats pack element j (low nibble) and element j + 16 (high nibble) of a block into byte j, as ggml does.
+
+A quantized model is for inference: QLinear has no backward and refuses training mode.
+"""
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+FORMATS = ('int8', 'q8_0', 'q5_1', 'q4_0', 'int4')
+FMT_ID = {'int8': 0, 'q8_0': 1, 'q4_0': 2, 'q5_1': 3, 'int4': 4}  # the kernel's numbering (qlinear.h)
+BITS = {'int8': 8, 'q8_0': 8.5, 'q5_1': 6, 'q4_0': 4.5, 'int4': 6}  # per weight, scales included (int8: ~8)
+QK = 32
+# the head quantized by default? From the perplexities measured on trained char models (README, Results)
+DEFAULT_HEAD = {'int8': True, 'q8_0': True, 'q5_1': True, 'q4_0': True, 'int4': True}
+FILE_VERSION = 1  # of the safetensors layout written by save_quantized
+
+
+def roundf(v):
+    """C's roundf (halves away from zero); torch.round rounds halves to even. v - trunc(v) is exact in float."""
+    r = torch.trunc(v)
+    return r + torch.sign(v) * (torch.abs(v - r) >= 0.5)
+
+
+def pack_nibbles(q):
+    """(O, nb, 32) values 0..15 -> (O, nb * 16) bytes: byte j = element j | element j + 16 << 4."""
+    q = q.to(torch.uint8)
+    return (q[..., :16] | (q[..., 16:] << 4)).flatten(1)
+
+
+def unpack_nibbles(packed, O, nb):
+    b = packed.view(O, nb, 16)
+    return torch.cat([b & 15, b >> 4], dim=-1).to(torch.int32)  # (O, nb, 32)
+
+
+def quantize(W, fmt):
+    """W (O, I) float, I a multiple of 32 -> {name: tensor} of `fmt`, with ggml's arithmetic in float32."""
+    O, I = W.shape
+    if I % QK:
+        raise ValueError(f"cannot quantize a matrix with {I} input features: {fmt} needs a multiple of {QK}")
+    w = W.detach().float().cpu()
+    if fmt == 'int8':
+        d = w.abs().amax(dim=1, keepdim=True) / 127  # (O, 1)
+        inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+        return {'q': roundf(w * inv).to(torch.int8), 'd': d}
+    x = w.view(O, I // QK, QK)  # (O, nb, 32)
+    if fmt == 'q8_0':
+        d = x.abs().amax(-1, keepdim=True) / 127
+        inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+        return {'q': roundf(x * inv).to(torch.int8).view(O, I), 'd': d[..., 0].half()}
+    if fmt == 'q4_0':
+        at = x.abs().argmax(-1, keepdim=True)  # the first of the largest magnitudes, as ggml's strict `<` scan
+        d = torch.gather(x, -1, at) / -8
+        inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+        q = torch.clamp(torch.trunc(x * inv + 8.5), max=15)  # (int8_t) truncates; the values are >= 0.5
+        return {'q': pack_nibbles(q), 'd': d[..., 0].half()}
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    levels = 31 if fmt == 'q5_1' else 15
+    d = (hi - lo) / levels
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    q = torch.trunc((x - lo) * inv + 0.5)  # (uint8_t) truncates; the values are >= 0
+    if fmt == 'int4':
+        return {'q': pack_nibbles(torch.clamp(q, max=15)), 'd': d[..., 0], 'm': lo[..., 0]}
+    if fmt != 'q5_1':
+        raise ValueError(f"unknown quantization format {fmt!r}; use one of {', '.join(FORMATS)}")
+    q = q.to(torch.int64)
+    bits = (q >> 4) & 1  # (O, nb, 32): element j's fifth bit goes to bit j of qh
+    qh = (bits << torch.arange(QK)).sum(-1)  # < 2^32
+    qh = torch.where(qh >= 2 ** 31, qh - 2 ** 32, qh).to(torch.int32)  # the same 32 bits, as int32
+    return {'q': pack_nibbles(q & 15), 'qh': qh, 'd': d[..., 0].half(), 'm': lo[..., 0].half()}
+
+
+def dequantize(t, fmt):
+    """The float32 matrix that `fmt`'s tensors stand for (the reference the kernels are tested against)."""
+    if fmt == 'int8':
+        return t['q'].float() * t['d']
+    if fmt == 'q8_0':
+        O, I = t['q'].shape
+        return (t['q'].float().view(O, -1, QK) * t['d'].float()[..., None]).view(O, I)
+    O, nb = t['d'].shape
+    q = unpack_nibbles(t['q'], O, nb)  # (O, nb, 32)
+    if fmt == 'q4_0':
+        return ((q - 8).float() * t['d'].float()[..., None]).view(O, nb * QK)
+    if fmt == 'q5_1':
+        qh = t['qh'].to(torch.int64) & 0xFFFFFFFF
+        q = q | (((qh[..., None] >> torch.arange(QK)) & 1) << 4).to(torch.int32)
+    return (q.float() * t['d'].float()[..., None] + t['m'].float()[..., None]).view(O, nb * QK)
+
+
+def kernel():
+    from wkv_cuda import build_hint, get_extension
+    ext = get_extension('cpu')
+    if isinstance(ext, Exception):
+        raise RuntimeError(f"quantized inference needs the compiled CPU kernel, which failed to build: "
+                           f"{build_hint('cpu', ext)}")
+    return ext
+
+
+class QLinear(nn.Module):
+    """An nn.Linear whose weight is stored in a quantization format (its bias, if any, stays float); forward runs the
+    compiled kernel."""
+
+    def __init__(self, fmt, in_features, out_features, tensors, bias=None):
+        super().__init__()
+        self.fmt, self.in_features, self.out_features = fmt, in_features, out_features
+        for name, t in tensors.items():  # buffers: they move with .to() and are in the state dict
+            self.register_buffer(name, t)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        # the kernel's operands: scales and offsets as float32 (fp16 values convert exactly), empty where unused
+        self._empty = torch.empty(0)
+
+    def operands(self):
+        f = lambda n: getattr(self, n).float() if hasattr(self, n) else self._empty  # noqa: E731
+        return self.q, f('d'), f('m'), self.qh if hasattr(self, 'qh') else self._empty
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("a quantized model is for inference only: call model.eval() (train the float model "
+                               "and quantize it afterwards)")
+        if x.device.type != 'cpu':
+            raise RuntimeError("quantized inference runs on the CPU: move the model and inputs with .to('cpu')")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        q, d, m, qh = self._cached()
+        y = kernel().qlinear(x2, FMT_ID[self.fmt], q, d, m, qh)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*lead, self.out_features).to(x.dtype)
+
+    def _cached(self):
+        # the float32 copies of fp16 scales are made once (they are 1/32 of the weights' elements)
+        if getattr(self, '_ops', None) is None or self._ops[0] is not self.q:
+            self._ops = self.operands()
+        return self._ops
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, fmt={self.fmt}"
+
+
+def quantize_linears(model, names, fmt):
+    """Replace the nn.Linear modules called `names` (dotted paths) of model by QLinear of `fmt`, in place."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; use one of {', '.join(FORMATS)}")
+    for name in names:
+        parent_name, _, child = name.rpartition('.')
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lin = getattr(parent, child)
+        setattr(parent, child, QLinear(fmt, lin.in_features, lin.out_features, quantize(lin.weight, fmt), lin.bias))
+    model.eval()
+    return model
+
+
+def quantizable(model, head, head_name):
+    """The dotted names of the model's Linear layers whose input width is a multiple of 32 (all of them in the configs
+    here), the head included when `head` is True."""
+    names = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and mod.in_features % QK == 0:
+            if name != head_name or head:
+                names.append(name)
+    return names
+
+
+def weight_bytes(model):
+    """Bytes of every parameter and buffer: what a token's decoding reads (the embedding row aside)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# files: safetensors with the packed tensors and what is needed to rebuild the model
+
+def save_quantized(model, path, model_type, tokenizer=None):
+    """One .safetensors file: the quantized model's state dict (packed tensors, scales, the fp32 rest) and, in its
+    metadata, the format, the model type and config, and the tokenizer; load_quantized needs nothing else."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+    fmt, head = model.quantized
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model_type == 'gpt' and 'lm_head.weight' in state:
+        state.pop('transformer.wte.weight')  # tied to the float head
+    meta = {'format': 'pt', 'nanorwkv': 'quantized', 'version': str(FILE_VERSION), 'quantization': fmt,
+            'head': 'quantized' if head else 'fp32', 'model_type': model_type,
+            'model_args': json.dumps(asdict(model.config)), 'tokenizer': json.dumps(tokenizer or {'tokenizer': 'gpt2'})}
+    save_file(state, str(path), metadata=meta)
+
+
+def is_quantized_file(path):
+    path = Path(path)
+    if not path.is_file() or path.suffix != '.safetensors':
+        return False
+    from safetensors import safe_open
+    with safe_open(str(path), 'pt') as f:
+        return (f.metadata() or {}).get('nanorwkv') == 'quantized'
+
+
+def load_quantized(path):
+    """(model, model_type, tokenizer spec) from a file save_quantized wrote."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from checkpoint import build_model
+    with safe_open(str(path), 'pt') as f:
+        meta = f.metadata() or {}
+    if meta.get('nanorwkv') != 'quantized':
+        raise ValueError(f"{path} is not a quantized nanoRWKV file (no 'nanorwkv: quantized' in its metadata)")
+    if int(meta.get('version', 0)) > FILE_VERSION:
+        raise ValueError(f"{path} is version {meta['version']} of the quantized layout; this code reads up to "
+                         f"{FILE_VERSION}: update nanoRWKV")
+    model_type, fmt, head = meta['model_type'], meta['quantization'], meta['head'] == 'quantized'
+    with torch.device('meta'):
+        model = build_model(model_type, json.loads(meta['model_args']))
+    model.to_empty(device='cpu')
+    model.quantize_(fmt, head=head)  # the structure; the values come from the file
+    state = load_file(str(path))
+    if model_type == 'gpt' and 'transformer.wte.weight' not in state:
+        state['transformer.wte.weight'] = state['lm_head.weight']
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its own model config: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}")
+    return model.eval(), model_type, json.loads(meta['tokenizer'])

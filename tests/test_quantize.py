@@ -1,0 +1,196 @@
+"""Quantized CPU inference (quantize.py, wkv_cuda/qlinear_cpu.cpp): the quantizers against ggml's reference formulas
+written out here block by block in float32 scalars, the kernels against a float matmul of the dequantized weights,
+quantized models in every mode, files in and out, and the refusals."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from helpers import one_line_error, run, tiny_gpt, tiny_rwkv
+from quantize import FORMATS, QLinear, dequantize, quantize
+
+f32 = np.float32
+
+
+def ref_block(x, fmt):
+    """One block of 32 floats quantized as ggml-quants.c's quantize_row_*_ref (and our int4) do it, in float32
+    scalars: (values as stored, d, m), with C's casts: (int8_t) / (uint8_t) truncate, roundf rounds half away."""
+    x = [f32(v) for v in x]
+    if fmt == 'q8_0':
+        amax = max(abs(v) for v in x)
+        d = f32(amax / f32(127))
+        inv = f32(1) / d if d else f32(0)
+        # roundf of the float32 product, in double (exact here): half away from zero
+        return [int(math.copysign(math.floor(abs(float(f32(v * inv))) + 0.5), v)) for v in x], np.float16(d), None
+    if fmt == 'q4_0':
+        amax, mx = f32(0), f32(0)
+        for v in x:
+            if amax < abs(v):
+                amax, mx = abs(v), v
+        d = f32(mx / f32(-8))
+        inv = f32(1) / d if d else f32(0)
+        return [min(15, int(f32(f32(v * inv) + f32(8.5)))) for v in x], np.float16(d), None
+    lo, hi = min(x), max(x)
+    levels = 31 if fmt == 'q5_1' else 15
+    d = f32(f32(hi - lo) / f32(levels))
+    inv = f32(1) / d if d else f32(0)
+    q = [int(f32(f32(f32(v - lo) * inv) + f32(0.5))) for v in x]
+    if fmt == 'q5_1':
+        return q, np.float16(d), np.float16(lo)
+    return [min(15, v) for v in q], d, lo
+
+
+def blocks_of(t, fmt, O, nb):
+    """The stored tensors of quantize(), read back per block as (values, d, m) - independent of dequantize()."""
+    out = []
+    for o in range(O):
+        for b in range(nb):
+            if fmt == 'q8_0':
+                vals = t['q'][o, b * 32:(b + 1) * 32].tolist()
+            else:
+                byte = t['q'][o, b * 16:(b + 1) * 16].tolist()
+                vals = [v & 15 for v in byte] + [v >> 4 for v in byte]
+                if fmt == 'q5_1':
+                    qh = int(t['qh'][o, b]) & 0xFFFFFFFF
+                    vals = [v | (((qh >> j) & 1) << 4) for j, v in enumerate(vals)]
+            d = t['d'][o, b].item()
+            m = t['m'][o, b].item() if 'm' in t else None
+            out.append((vals, d, m))
+    return out
+
+
+def test_roundf_rounds_halves_away_from_zero():
+    from quantize import roundf
+    v = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, 2.4999998])
+    assert roundf(v).tolist() == [1, 2, 3, -1, -3, 0, 2]  # torch.round would give 0, 2, 2, -0, -2
+
+
+@pytest.mark.parametrize('fmt', ['q8_0', 'q4_0', 'q5_1', 'int4'])
+def test_quantizers_match_the_reference_formulas(fmt):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(5, 96, generator=g) * torch.tensor([0.01, 1.0, 30.0]).repeat_interleave(32)  # three scales
+    W[0, :32] = 0  # an all-zero block: d = 0
+    W[1, 32:64] = 0.25  # a constant block
+    W[2, :32] = torch.arange(32) / 31 * 3 - 1.5  # an evenly spread one: many exact halves
+    W[3, 5] = -W[3, :32].abs().max() * 2  # a negative extreme for q4_0's signed max
+    t = quantize(W, fmt)
+    got = blocks_of(t, fmt, 5, 3)
+    for i, (vals, d, m) in enumerate(got):
+        o, b = divmod(i, 3)
+        want_vals, want_d, want_m = ref_block(W[o, b * 32:(b + 1) * 32].tolist(), fmt)
+        assert vals == want_vals, (fmt, o, b)
+        assert d == float(want_d) and (m is None or m == float(want_m)), (fmt, o, b)
+
+
+def test_int8_is_per_row_symmetric():
+    W = torch.randn(7, 64)
+    t = quantize(W, 'int8')
+    d = W.abs().amax(1, keepdim=True) / 127
+    assert torch.equal(t['d'], d)
+    assert torch.equal(t['q'].float(), torch.round(W / d))  # no exact halves in random data
+    assert (dequantize(t, 'int8') - W).abs().max() <= d.max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+@pytest.mark.parametrize('B,O,I', [(1, 37, 32), (3, 64, 320), (8, 129, 96)])
+def test_kernel_equals_float_matmul_of_the_dequantized_weights(fmt, B, O, I):
+    g = torch.Generator().manual_seed(B * O)
+    W = torch.randn(O, I, generator=g)
+    bias = torch.randn(O, generator=g)
+    x = torch.randn(B, I, generator=g) * 3
+    t = quantize(W, fmt)
+    layer = QLinear(fmt, I, O, t, bias).eval()
+    want = F.linear(x.double(), dequantize(t, fmt).double(), bias.double())
+    got = layer(x)
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() <= 1e-5
+    # the quantization itself is what its bit width allows (the test can fail: a wrong layout is far off)
+    err = ((dequantize(t, fmt) - W).abs().mean() / W.abs().mean()).item()
+    assert err < {'int8': 0.01, 'q8_0': 0.01, 'q5_1': 0.05, 'q4_0': 0.12, 'int4': 0.1}[fmt]
+    assert got.shape == (B, O) and layer(x[None]).shape == (1, B, O)
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+@pytest.mark.parametrize('model_type', ['rwkv', 'gpt'])
+def test_quantized_model_modes_agree_and_equal_dequantized_float(fmt, model_type):
+    if model_type == 'rwkv':
+        make = lambda: tiny_rwkv(dtype=torch.float32, n_embd=64, vocab_size=40)  # noqa: E731
+    else:
+        make = lambda: tiny_gpt(n_embd=64, vocab_size=40)  # noqa: E731
+    model, reference = make().quantize_(fmt, head=True), make()
+    # the float model with every quantized matrix replaced by its dequantized value: the same function
+    with torch.no_grad():
+        if model_type == 'gpt':  # the quantized head no longer shares the (float) embedding's tensor
+            reference.lm_head.weight = torch.nn.Parameter(reference.lm_head.weight.clone())
+        for name, mod in model.named_modules():
+            if isinstance(mod, QLinear):
+                ref = reference.get_submodule(name)
+                ref.weight.copy_(dequantize({k: getattr(mod, k) for k in ('q', 'd', 'm', 'qh') if hasattr(mod, k)},
+                                            fmt))
+    idx = torch.randint(0, 40, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole, _ = model.prefill(idx)
+        want, _ = reference.prefill(idx)
+        steps, state = [], None
+        for t in range(idx.shape[1]):
+            logits, state = model.step(idx[:, t], state)
+            steps.append(logits)
+    scale = want.abs().max()
+    assert (whole - want).abs().max() / scale <= 1e-5
+    assert (torch.stack(steps, 1) - whole).abs().max() / scale <= 1e-4  # step = prefill, the issue's target
+
+
+def test_quantized_model_refuses_training():
+    model = tiny_rwkv(dtype=torch.float32, n_embd=32).quantize_('int8')
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    model.train()
+    with pytest.raises(RuntimeError, match='for inference only'):
+        model(idx, idx)
+    with pytest.raises(ValueError, match='already quantized'):
+        model.quantize_('q4_0')
+    with pytest.raises(ValueError, match='unknown quantization format'):
+        tiny_rwkv(dtype=torch.float32, n_embd=32).quantize_('q3_k')
+
+
+def test_export_load_sample_and_refusals(dataset, tmp_path):
+    from helpers import args
+    r = run('train.py', *args('rwkv', dataset, tmp_path / 'o', 4, '--n_embd=64'))
+    assert r.returncode == 0, r.stderr
+    from checkpoint import load_latest_checkpoint, load_pretrained, model_from_checkpoint
+    float_model = model_from_checkpoint(load_latest_checkpoint(tmp_path / 'o', 'cpu')[0]).eval()
+    idx = torch.randint(0, 10, (1, 9), generator=torch.Generator().manual_seed(4))
+    for fmt in ('int8', 'q4_0'):
+        path = tmp_path / f'model-{fmt}.safetensors'
+        r = run('export.py', f'--out_dir={tmp_path / "o"}', f'--format={fmt}', f'--dest={path}')
+        assert r.returncode == 0, r.stderr
+        loaded, model_type, spec = load_pretrained(str(path))  # without the checkpoint it came from
+        assert model_type == 'rwkv' and spec['tokenizer'] == 'char' and loaded.quantized[0] == fmt
+        in_memory = model_from_checkpoint(load_latest_checkpoint(tmp_path / 'o', 'cpu')[0]).quantize_(fmt)
+        with torch.no_grad():
+            assert torch.equal(loaded.prefill(idx)[0], in_memory.prefill(idx)[0])
+            assert (loaded.prefill(idx)[0] - float_model.prefill(idx)[0]).abs().max() > 0  # it is quantized
+        r = run('sample.py', f'--init_from={path}', '--device=cpu', '--num_samples=1', '--max_new_tokens=20',
+                '--start=abc')
+        assert r.returncode == 0 and len(r.stdout) > 20, r.stderr
+    r = run('sample.py', f'--out_dir={tmp_path / "o"}', '--quantize=q5_1', '--device=cpu', '--num_samples=1',
+            '--max_new_tokens=20', '--start=abc', '--temperature=0')
+    assert r.returncode == 0 and len(r.stdout) > 20, r.stderr
+    bad = run('train.py', *args('rwkv', dataset, tmp_path / 'p', 4, '--n_embd=64',
+                                f'--init_from={tmp_path / "model-int8.safetensors"}'))
+    one_line_error(bad, 'train.py', 'is a quantized model, for inference only')
+    bad = run('sample.py', f'--out_dir={tmp_path / "o"}', '--quantize=q4_0', '--device=cuda')
+    assert bad.returncode != 0 and 'Traceback' not in bad.stderr
+
+
+def test_file_size_is_the_formats_arithmetic(tmp_path):
+    """int8 with the head quantized: 1 byte per matrix weight plus a float per row; the embedding and vectors fp32."""
+    from quantize import save_quantized
+    model = tiny_rwkv(dtype=torch.float32, n_embd=64, vocab_size=40).quantize_('int8', head=True)
+    path = tmp_path / 'm.safetensors'
+    save_quantized(model, path, 'rwkv')
+    matrices = sum(m.q.numel() for m in model.modules() if isinstance(m, QLinear))
+    rows = sum(m.d.numel() for m in model.modules() if isinstance(m, QLinear))
+    floats = sum(p.numel() for p in model.parameters())  # what is not quantized: embedding, LayerNorms, time_*
+    payload = matrices + 4 * rows + 4 * floats
+    assert payload <= path.stat().st_size <= payload + 16384  # + the header (names, shapes, metadata)
