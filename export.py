@@ -9,6 +9,8 @@ format 'pth': RWKV only, the official RWKV-4 .pth of BlinkDL's RWKV-LM, which th
 formats 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4': the model quantized for CPU inference (quantize.py), one .safetensors
   that sample.py --init_from=<file> and RWKV/GPT.from_pretrained load without the checkpoint;
   --head=True/False overrides the format's default for the output head.
+format 'rwkvcpp': RWKV only, an rwkv.cpp model file (docs/FILE_FORMAT.md there) of --rwkvcpp_type FP32, FP16 (file
+  version 100) or Q8_0, Q5_1, Q4_0 (version 101, ggml's current blocks; the embedding and head stay FP32).
 """
 import json
 from pathlib import Path
@@ -20,8 +22,10 @@ OPTIONS = dict(
     out_dir=Option('out', "the directory with the checkpoints (the newest intact one is exported)"),
     format=Option('hf', "'hf' (a transformers directory), 'pth' (RWKV only: the official RWKV-4 .pth), or a "
                         "quantization format (a .safetensors for CPU inference)",
-                  ('hf', 'pth', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4')),
+                  ('hf', 'pth', 'rwkvcpp', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4')),
     dest=Option('', "the directory (hf) or file (pth, quantized) to write"),
+    rwkvcpp_type=Option('FP32', "format 'rwkvcpp': the data type of its matrices",
+                        ('FP32', 'FP16', 'Q8_0', 'Q5_1', 'Q4_0')),
     head=Option('default', "quantized formats: quantize the output head too ('default': quantize.DEFAULT_HEAD)",
                 ('default', True, False)),
 )
@@ -34,12 +38,16 @@ def main(argv):
     ckpt = load_latest_checkpoint(cfg.out_dir, 'cpu')[0]
     model = model_from_checkpoint(ckpt)
     dest = Path(cfg.dest)
-    if cfg.format == 'pth' and ckpt['model_type'] != 'rwkv':
-        raise ConfigError("format 'pth' is RWKV's official format; this checkpoint is a GPT: use --format=hf")
+    if cfg.format in ('pth', 'rwkvcpp') and ckpt['model_type'] != 'rwkv':
+        raise ConfigError(f"format '{cfg.format}' is for RWKV; this checkpoint is a GPT: use --format=hf or a "
+                          f"quantized format")
     try:
         if cfg.format == 'pth':
             model.save_pth(dest)
-        elif cfg.format not in ('hf', 'pth'):
+        elif cfg.format == 'rwkvcpp':
+            from quantize import save_rwkvcpp
+            save_rwkvcpp(model, dest, cfg.rwkvcpp_type)
+        elif cfg.format != 'hf':
             from quantize import save_quantized
             model.quantize_(cfg.format, head=None if cfg.head == 'default' else cfg.head)
             save_quantized(model, dest, ckpt['model_type'], ckpt.get('tokenizer'))

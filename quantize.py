@@ -234,3 +234,113 @@ def load_quantized(path):
         raise ValueError(f"{path} does not match its own model config: missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}")
     return model.eval(), model_type, json.loads(meta['tokenizer'])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rwkv.cpp model files (RWKV/rwkv.cpp docs/FILE_FORMAT.md): a header of six int32 (magic 'ggmf', version, n_vocab,
+# n_embed, n_layer, data type), then per tensor (dim count, key length, data type, the shape reversed, the key, the
+# data). FP32 and FP16 files are version 100 (the same in 101, and what the April-2023 library reads); quantized ones
+# version 101, whose blocks are ggml's current ones: q8_0 = fp16 d + 32 int8, q4_0 = fp16 d + 16 bytes,
+# q5_1 = fp16 d, fp16 m, uint32 qh, 16 bytes. As rwkv.cpp does, the embedding and the head stay unquantized, the
+# time_* vectors are squeezed to (n_embed,), time_decay is stored as -exp(time_decay), and 1-D tensors are FP32.
+
+RWKVCPP_TYPES = {'FP32': 0, 'FP16': 1, 'Q4_0': 2, 'Q5_1': 8, 'Q8_0': 9}
+RWKVCPP_MAGIC = 0x67676d66
+
+
+def ggml_blocks(W, fmt):
+    """W (O, I) as the bytes of ggml blocks of `fmt` ('q8_0', 'q4_0', 'q5_1'), row after row."""
+    import numpy as np
+    t = quantize(W, fmt)
+    O, nb = t['d'].shape
+    parts = [t['d'].numpy().view(np.uint8).reshape(O, nb, 2)]
+    if fmt == 'q5_1':
+        parts += [t['m'].numpy().view(np.uint8).reshape(O, nb, 2),
+                  t['qh'].numpy().astype('<i4').view(np.uint8).reshape(O, nb, 4)]
+    qs = t['q'].numpy().view(np.uint8).reshape(O, nb, -1)  # 32 int8 (q8_0) or 16 packed bytes
+    return np.concatenate(parts + [qs], axis=-1).tobytes()
+
+
+def save_rwkvcpp(model, path, data_type='FP32'):
+    """Write an RWKV-4 model as an rwkv.cpp file of data_type FP32, FP16, Q8_0, Q5_1 or Q4_0."""
+    import struct
+    if data_type not in RWKVCPP_TYPES:
+        raise ValueError(f"rwkv.cpp data type must be one of {', '.join(RWKVCPP_TYPES)}, got {data_type!r}")
+    state = model.plain_state_dict()  # RWKV-LM's names and values, fp32; refuses MoE / hybrids
+    V, C = state['emb.weight'].shape
+    version = 100 if data_type in ('FP32', 'FP16') else 101
+    with open(path, 'wb') as f:
+        f.write(struct.pack('<6i', RWKVCPP_MAGIC, version, V, C, model.config.n_layer, RWKVCPP_TYPES[data_type]))
+        for k, t in state.items():
+            if '.time_' in k:
+                t = t.reshape(-1)  # (1, 1, C) -> (C,)
+            if k.endswith('.time_decay'):
+                t = -torch.exp(t)
+            kind = 'FP32'
+            if t.dim() == 2 and data_type == 'FP16':
+                kind = 'FP16'
+            elif t.dim() == 2 and data_type != 'FP32' and k not in ('emb.weight', 'head.weight'):
+                kind = data_type
+            key = k.encode('utf-8')
+            f.write(struct.pack(f'<3i{t.dim()}i', t.dim(), len(key), RWKVCPP_TYPES[kind], *reversed(t.shape)))
+            f.write(key)
+            if kind == 'FP32':
+                f.write(t.numpy().astype('<f4').tobytes())
+            elif kind == 'FP16':
+                f.write(t.half().numpy().astype('<f2').tobytes())
+            else:
+                f.write(ggml_blocks(t, kind.lower()))
+
+
+class RwkvCpp:
+    """rwkv.cpp's shared library through ctypes, to check our files against it and to race it (tests,
+    benchmarks/bench_decode.py). The library is not a dependency: the one that runs offline is the April-2023 x86-64
+    build inside the PyPI sdist rwkv-cpp-python==0.0.1 (rwkv/ under _skbuild/); point NANORWKV_RWKVCPP_LIB at its
+    librwkv.so or copy it to ~/.cache/nanorwkv/rwkvcpp/. It reads file version 100 (FP32, FP16 and its own old
+    quantized layouts)."""
+
+    def __init__(self, path=None):
+        import ctypes
+        import os
+        path = path or os.environ.get('NANORWKV_RWKVCPP_LIB') or \
+            Path.home() / '.cache' / 'nanorwkv' / 'rwkvcpp' / 'librwkv.so'
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"rwkv.cpp library not found at {path} (set NANORWKV_RWKVCPP_LIB)")
+        self.ct = ctypes
+        lib = self.lib = ctypes.cdll.LoadLibrary(str(path))
+        lib.rwkv_init_from_file.argtypes = [ctypes.c_char_p, ctypes.c_uint32]
+        lib.rwkv_init_from_file.restype = ctypes.c_void_p
+        pf = ctypes.POINTER(ctypes.c_float)
+        lib.rwkv_eval.argtypes = [ctypes.c_void_p, ctypes.c_int32, pf, pf, pf]
+        lib.rwkv_eval.restype = ctypes.c_bool
+        lib.rwkv_get_state_buffer_element_count.argtypes = [ctypes.c_void_p]
+        lib.rwkv_get_state_buffer_element_count.restype = ctypes.c_uint32
+        lib.rwkv_get_logits_buffer_element_count.argtypes = [ctypes.c_void_p]
+        lib.rwkv_get_logits_buffer_element_count.restype = ctypes.c_uint32
+        lib.rwkv_quantize_model_file.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint32]
+        lib.rwkv_quantize_model_file.restype = ctypes.c_bool
+        lib.rwkv_free.argtypes = [ctypes.c_void_p]
+
+    def load(self, model_file, threads=1):
+        ctx = self.lib.rwkv_init_from_file(str(model_file).encode(), threads)
+        if not ctx:
+            raise ValueError(f"rwkv.cpp could not load {model_file}")
+        return ctx
+
+    def buffers(self, ctx):
+        return (torch.zeros(self.lib.rwkv_get_state_buffer_element_count(ctx)),
+                torch.zeros(self.lib.rwkv_get_logits_buffer_element_count(ctx)))
+
+    def eval(self, ctx, token, state_in, state_out, logits):
+        """One token; state_in None for the empty history. Writes state_out and logits (float32 tensors)."""
+        p = lambda t: self.ct.cast(t.data_ptr(), self.ct.POINTER(self.ct.c_float))  # noqa: E731
+        if not self.lib.rwkv_eval(ctx, token, None if state_in is None else p(state_in), p(state_out), p(logits)):
+            raise RuntimeError("rwkv_eval failed")
+
+    def quantize_file(self, src, dst, ggml_type):
+        """The library's own quantizer (its version-100 layouts): 2 = Q4_0, 3 = Q4_1, 4 = Q4_1_O."""
+        if not self.lib.rwkv_quantize_model_file(str(src).encode(), str(dst).encode(), ggml_type):
+            raise RuntimeError(f"rwkv.cpp could not quantize {src}")
+
+    def free(self, ctx):
+        self.lib.rwkv_free(ctx)

@@ -194,3 +194,103 @@ def test_file_size_is_the_formats_arithmetic(tmp_path):
     floats = sum(p.numel() for p in model.parameters())  # what is not quantized: embedding, LayerNorms, time_*
     payload = matrices + 4 * rows + 4 * floats
     assert payload <= path.stat().st_size <= payload + 16384  # + the header (names, shapes, metadata)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rwkv.cpp files
+
+def read_rwkvcpp(path):
+    """An rwkv.cpp model file read from its specification (rwkv.cpp docs/FILE_FORMAT.md), independently of the
+    writer: header, then per tensor its name, type, shape and values (quantized blocks decoded here)."""
+    import struct
+    data = open(path, 'rb').read()
+    magic, version, V, C, L, dtype = struct.unpack_from('<6i', data, 0)
+    pos, tensors = 24, {}
+    sizes = {2: 18, 8: 24, 9: 34}  # bytes per block of 32: Q4_0, Q5_1, Q8_0
+    while pos < len(data):
+        n_dims, key_len, kind = struct.unpack_from('<3i', data, pos)
+        shape = list(reversed(struct.unpack_from(f'<{n_dims}i', data, pos + 12)))
+        pos += 12 + 4 * n_dims
+        key = data[pos:pos + key_len].decode()
+        pos += key_len
+        n = math.prod(shape)
+        if kind in (0, 1):
+            width = 4 if kind == 0 else 2
+            values = np.frombuffer(data, '<f4' if kind == 0 else '<f2', n, pos).astype(np.float64)
+            pos += width * n
+        else:
+            nblocks = n // 32
+            raw = np.frombuffer(data, np.uint8, nblocks * sizes[kind], pos).reshape(nblocks, sizes[kind])
+            pos += raw.size
+            d = raw[:, 0:2].copy().view('<f2').astype(np.float64)  # (nblocks, 1)
+            if kind == 9:
+                q = raw[:, 2:].view(np.int8).astype(np.float64)
+                values = q * d
+            else:
+                qs = raw[:, -16:]
+                q = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.float64)  # elements j, j + 16
+                if kind == 2:
+                    values = (q - 8) * d
+                else:
+                    m = raw[:, 2:4].copy().view('<f2').astype(np.float64)
+                    qh = raw[:, 4:8].copy().view('<u4').astype(np.int64)  # (nblocks, 1)
+                    q += ((qh >> np.arange(32)) & 1) * 16
+                    values = q * d + m
+        tensors[key] = (kind, torch.from_numpy(np.asarray(values, dtype=np.float64).reshape(shape)))
+    return (magic, version, V, C, L, dtype), tensors
+
+
+@pytest.mark.parametrize('data_type', ['FP32', 'FP16', 'Q8_0', 'Q5_1', 'Q4_0'])
+def test_rwkvcpp_file_read_back_by_an_independent_reader(data_type, tmp_path):
+    from quantize import save_rwkvcpp
+    model = tiny_rwkv(dtype=torch.float32, n_embd=64, vocab_size=40)
+    save_rwkvcpp(model, tmp_path / 'm.bin', data_type)
+    header, tensors = read_rwkvcpp(tmp_path / 'm.bin')
+    kind_id = {'FP32': 0, 'FP16': 1, 'Q4_0': 2, 'Q5_1': 8, 'Q8_0': 9}[data_type]
+    assert header == (0x67676d66, 100 if data_type in ('FP32', 'FP16') else 101, 40, 64, 3, kind_id)
+    state = model.state_dict()
+    assert list(tensors) == list(state)  # every tensor, RWKV-LM's names and order
+    for k, (kind, got) in tensors.items():
+        want = state[k].float()
+        if '.time_' in k:
+            want = want.reshape(-1)
+        if k.endswith('time_decay'):
+            want = -torch.exp(want)  # in float32, as the writer
+        want = want.double()
+        quantized = want.dim() == 2 and data_type not in ('FP32', 'FP16') and k not in ('emb.weight', 'head.weight')
+        if want.dim() == 1 or data_type == 'FP32' or (want.dim() == 2 and not quantized and data_type != 'FP16'):
+            assert kind == 0 and torch.equal(got, want.float().double()), k
+        elif data_type == 'FP16':
+            assert kind == 1 and torch.equal(got, want.half().double()), k
+        else:  # decoded by the reader above = our dequantize(), and near the weights
+            fmt = data_type.lower()
+            assert kind == kind_id and torch.equal(got.float(), dequantize(quantize(state[k], fmt), fmt)), k
+            assert (got - want).abs().mean() < 0.12 * want.abs().mean(), k
+
+
+def test_rwkvcpp_library_runs_our_files(tmp_path):
+    """Where rwkv.cpp's library loads (see quantize.RwkvCpp), it runs our FP32 file to our step's logits and state."""
+    from quantize import RwkvCpp, save_rwkvcpp
+    try:
+        lib = RwkvCpp()
+    except (FileNotFoundError, OSError) as e:
+        pytest.skip(f"rwkv.cpp's library is not on this machine: {e}")
+    model = tiny_rwkv(dtype=torch.float32, n_embd=64, vocab_size=40)
+    fp16 = tiny_rwkv(dtype=torch.float32, n_embd=64, vocab_size=40)
+    with torch.no_grad():
+        for p in fp16.parameters():
+            if p.dim() == 2:
+                p.copy_(p.half().float())  # what an FP16 file holds
+    # FP16: ggml's fp16 dot product also rounds the activations to fp16, hence 3e-3
+    for data_type, ours, tol in [('FP32', model, 1e-5), ('FP16', fp16, 3e-3)]:
+        save_rwkvcpp(model, tmp_path / f'{data_type}.bin', data_type)
+        ctx = lib.load(tmp_path / f'{data_type}.bin')
+        state_out, logits = lib.buffers(ctx)
+        state_in, state = None, None
+        for token in [3, 7, 1, 30, 2, 2, 19]:
+            lib.eval(ctx, token, state_in, state_out, logits)
+            state_in = state_out.clone()
+            with torch.no_grad():
+                want, state = ours.step(torch.tensor([token]), state)
+            assert (logits - want[0]).abs().max() / want.abs().max() <= tol, (data_type, token)
+        lib.free(ctx)
