@@ -1,0 +1,218 @@
+"""
+Quantized CPU decoding (quantize.py): tokens/s of RWKV-4's RNN step with its weights in fp32, int8, q8_0, q5_1,
+q4_0 and int4, against the rivals that run offline on the same weights: the `rwkv` pip package ('cpu fp32' and
+'cpu fp32i8'), torch.ao dynamic int8 on our model, and rwkv.cpp's library (FP32 from our file, Q4_0 / Q4_1 from its
+own quantizer) where it loads (quantize.RwkvCpp). Then held-out perplexity per format on trained checkpoints.
+
+$ python benchmarks/bench_quant.py                                   # 169M shape (L12 C768 V50277), 1 and 2 threads
+$ python benchmarks/bench_quant.py --checkpoints="['out-shakespeare-char']" --n_tokens=8
+
+Speed: batch 1 and batch 8 (ours only: the others decode one sequence per call), 1 and 2 threads, the formats in
+interleaved rounds, best round reported (this machine is noisy). "MB/token" is what a step reads: every matrix and
+vector, the embedding's one row aside; GB/s = that x tokens/s, next to a copy of 512 MB measured in the same run
+(bytes read + bytes written per second), the memory's limit. Perplexity: exp of the mean cross-entropy over the
+checkpoint's val.bin in windows of block_size, same windows for every format.
+"""
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from configurator import ConfigError, Option, parse_config, run_script  # noqa: E402
+from hardware import run_provenance  # noqa: E402
+
+FORMATS = ['fp32', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4']
+OPTIONS = dict(
+    shape=Option((12, 768, 50277), "(n_layer, n_embd, vocab_size) of the random model timed: RWKV-4 169M's", '>= 1'),
+    threads=Option([1, 2], "torch / rwkv.cpp threads, each timed", '>= 1'),
+    batch_sizes=Option([1, 8], "our decode's batch sizes", '>= 1'),
+    n_tokens=Option(16, "steps per timed round", '>= 1'),
+    rounds=Option(3, "interleaved rounds; each row reports its best", '>= 1'),
+    rivals=Option(True, "time the rwkv pip package, torch.ao and rwkv.cpp (where they load) too"),
+    checkpoints=Option([], "out_dirs of trained RWKV checkpoints whose val perplexity is measured per format"),
+    head=Option([True, False], "perplexity with the head quantized and kept fp32"),
+    eval_tokens=Option(65536, "val tokens per perplexity (in block_size windows)", '>= 1'),
+    seed=Option(1337, "seeds the random weights and tokens", '>= 0'),
+)
+
+
+def memcpy_gbs():
+    src = torch.ones(2 ** 27)  # 512 MB
+    dst = torch.empty_like(src)
+    best = float('inf')
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def step_bytes(model):
+    """Bytes a step reads: every parameter and buffer, the embedding's one row instead of all of it."""
+    from quantize import weight_bytes
+    emb = model.emb.weight
+    return weight_bytes(model) - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+
+
+def our_runner(model, tokens, batch):
+    toks = tokens[:, None].expand(-1, batch).contiguous()
+    state = [None]
+
+    def run(i):
+        with torch.inference_mode():
+            _, state[0] = model.step(toks[i % len(toks)], state[0])
+    return run
+
+
+def speed_rows(cfg, tmp):
+    """[(name, batch, bytes per token or None, {threads: runner factory})] for every contestant."""
+    from model_rwkv import RWKV, RWKVConfig
+    L, C, V = cfg.shape
+    torch.manual_seed(cfg.seed)
+    src = RWKV(RWKVConfig(n_layer=L, n_embd=C, vocab_size=V))
+    with torch.no_grad():  # random weights (v4neo's init zeroes several matrices)
+        for p in src.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    pth = Path(tmp) / 'model.pth'
+    src.save_pth(pth)
+    tokens = torch.randint(0, V, (cfg.n_tokens,), generator=torch.Generator().manual_seed(cfg.seed))
+    rows = []
+    for fmt in FORMATS:
+        model = RWKV.from_pretrained(pth).eval()
+        if fmt != 'fp32':
+            model.quantize_(fmt)
+        for b in cfg.batch_sizes:
+            rows.append((f"ours {fmt}" + ('' if fmt == 'fp32' else f" (head {'quantized' if model.quantized[1] else 'fp32'})"),
+                         b, step_bytes(model), lambda n, m=model, b=b: our_runner(m, tokens, b)))
+    if not cfg.rivals:
+        return rows
+    float_model = RWKV.from_pretrained(pth).eval()
+    qmodel = torch.ao.quantization.quantize_dynamic(float_model, {torch.nn.Linear}, dtype=torch.qint8)
+    rows.append(('torch.ao dynamic int8 (ours)', 1, None, lambda n: our_runner(qmodel, tokens, 1)))
+    try:
+        os.environ.setdefault('RWKV_CUDA_ON', '0')
+        from rwkv.model import RWKV as PipRWKV
+        for strategy in ('cpu fp32', 'cpu fp32i8'):
+            pip = PipRWKV(model=str(pth.with_suffix('')), strategy=strategy, verbose=False)
+
+            def factory(n, pip=pip):
+                s = [None]
+
+                def run(i):
+                    _, s[0] = pip.forward([int(tokens[i % len(tokens)])], s[0])
+                return run
+            rows.append((f"rwkv pip '{strategy}'", 1, None, factory))
+    except ImportError:
+        print("(the rwkv pip package is not installed: its rows are left out)")
+    from quantize import RwkvCpp, save_rwkvcpp
+    try:
+        lib = RwkvCpp()
+    except (FileNotFoundError, OSError) as e:
+        print(f"(rwkv.cpp's library does not load: {e}; its rows are left out)")
+        return rows
+    fp32 = Path(tmp) / 'rwkvcpp-FP32.bin'
+    save_rwkvcpp(src, fp32, 'FP32')
+    files = {'FP32': fp32}
+    for name, ggml_type in (('Q4_0', 2), ('Q4_1', 3)):
+        files[name] = Path(tmp) / f'rwkvcpp-{name}.bin'
+        lib.quantize_file(fp32, files[name], ggml_type)
+    for name, path in files.items():
+        def factory(n, path=path):
+            ctx = lib.load(path, n)
+            state_out, logits = lib.buffers(ctx)
+            state_in = [None]
+
+            def run(i):
+                lib.eval(ctx, int(tokens[i % len(tokens)]), state_in[0], state_out, logits)
+                state_in[0] = state_out
+            return run
+        # the file's tensors minus the embedding but one row: what a token reads
+        emb = src.emb.weight
+        rows.append((f"rwkv.cpp {name}", 1, path.stat().st_size - emb.numel() * 4 + emb.shape[1] * 4, factory))
+    return rows
+
+
+def perplexity(model, val, block, n_tokens):
+    n = min(n_tokens, (len(val) - 1) // block * block)
+    x = torch.from_numpy(val[:n].astype(np.int64)).view(-1, block)
+    y = torch.from_numpy(val[1:n + 1].astype(np.int64)).view(-1, block)
+    total = 0.0
+    with torch.inference_mode():
+        for i in range(0, len(x), 16):
+            logits, _ = model.prefill(x[i:i + 16])
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[i:i + 16].flatten(),
+                                                       reduction='sum').item()
+    return math.exp(total / y.numel())
+
+
+def main(argv):
+    cfg = parse_config(OPTIONS, argv, __doc__)
+    commit, machine = run_provenance('cpu')
+    print(f"# bench_quant.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, {machine}, "
+          f"{time.strftime('%Y-%m-%d')}\n")
+    gbs = memcpy_gbs()
+    print(f"memory: a 512 MB copy runs at {gbs:.1f} GB/s (read + write)\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = speed_rows(cfg, tmp)
+        L, C, V = cfg.shape
+        for threads in cfg.threads:
+            torch.set_num_threads(threads)
+            runners = [factory(threads) for _, _, _, factory in rows]
+            best = [float('inf')] * len(rows)
+            for _ in range(cfg.rounds):
+                for i, ((name, b, _, _), run) in enumerate(zip(rows, runners)):
+                    run(0)  # warm: the first call of a round pays for nothing it should not
+                    t0 = time.perf_counter()
+                    for t in range(cfg.n_tokens):
+                        run(t)
+                    best[i] = min(best[i], (time.perf_counter() - t0) / cfg.n_tokens)
+            print(f"L{L} C{C} V{V}, {threads} thread{'s' if threads > 1 else ''}, best of {cfg.rounds} rounds of "
+                  f"{cfg.n_tokens} tokens:\n| decoder | batch | tokens/s | vs ours fp32 (batch 1) | MB/token | "
+                  f"GB/s |\n|---|---|---|---|---|---|")
+            base = next(1 / t for (name, b, _, _), t in zip(rows, best) if name == 'ours fp32' and b == 1)
+            for (name, b, nbytes, _), t in zip(rows, best):
+                rate = b / t
+                mb = f"{nbytes / 1e6:.1f}" if nbytes else '-'
+                bw = f"{nbytes / t / 1e9:.1f}" if nbytes else '-'
+                print(f"| {name} | {b} | {rate:,.1f} | {rate / base:.2f}x | {mb} | {bw} |", flush=True)
+            print()
+    torch.set_num_threads(max(cfg.threads))
+    if cfg.checkpoints:
+        perplexities(cfg)
+
+
+def perplexities(cfg):
+    from checkpoint import load_latest_checkpoint, model_from_checkpoint
+    print("| checkpoint | head | " + " | ".join(FORMATS) + " |\n|---|---|" + "---|" * len(FORMATS))
+    for out_dir in cfg.checkpoints:
+        ckpt = load_latest_checkpoint(out_dir, 'cpu')[0]
+        if ckpt['model_type'] != 'rwkv':
+            raise ConfigError(f"{out_dir} holds a {ckpt['model_type']}; the perplexity table is for RWKV checkpoints")
+        data_dir = Path(ckpt['config'].get('data_dir') or Path(__file__).resolve().parents[1] / 'data' /
+                        ckpt['config']['dataset'])
+        val = np.memmap(data_dir / 'val.bin', dtype=np.uint16, mode='r')
+        block = ckpt['model_args']['block_size']
+        a = ckpt['model_args']
+        name = f"{out_dir} (L{a['n_layer']} C{a['n_embd']}, iter {ckpt['iter_num']})"
+        base = None
+        for head in cfg.head:
+            cells = []
+            for fmt in FORMATS:
+                model = model_from_checkpoint(ckpt).eval()
+                if fmt != 'fp32':
+                    model.quantize_(fmt, head=head)
+                ppl = perplexity(model, val, block, cfg.eval_tokens)
+                base = base or ppl
+                cells.append(f"{ppl:.4f}" if fmt == 'fp32' else f"{ppl:.4f} ({(ppl / base - 1) * 100:+.2f}%)")
+            print(f"| {name} | {'quantized' if head else 'fp32'} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == '__main__':
+    run_script(main)
