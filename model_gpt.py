@@ -195,8 +195,16 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0):
         """GPT-2 from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded once) or a local Hugging Face
-        format directory (config.json + model.safetensors / pytorch_model.bin), e.g. one save_pretrained wrote."""
-        hf, state = load_hf_directory(hub_or_local(name_or_path, cls.HUB_NAMES))
+        format directory (config.json + model.safetensors / pytorch_model.bin), e.g. one save_pretrained wrote, or a
+        quantized .safetensors of export.py."""
+        from quantize import is_quantized_file, load_quantized
+        path = hub_or_local(name_or_path, cls.HUB_NAMES)
+        if is_quantized_file(path):  # export.py's quantized .safetensors: the model comes out quantized
+            model, model_type, _ = load_quantized(path)
+            if model_type != 'gpt':
+                raise ValueError(f"{name_or_path} holds a quantized {model_type}, not a GPT")
+            return model
+        hf, state = load_hf_directory(path)
         if hf.get('model_type') != 'gpt2':
             raise ValueError(f"{name_or_path} is a '{hf.get('model_type')}' model, not GPT-2")
         config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],

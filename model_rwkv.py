@@ -440,9 +440,15 @@ class RWKV(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, wkv_backend='auto'):
         """RWKV-4 from an official BlinkDL .pth file (RWKV-4-Pile-*.pth; shapes inferred from the tensors), a local
-        Hugging Face format directory (config.json + model.safetensors / pytorch_model.bin), or a hub name
-        RWKV/rwkv-4-{169m,430m,1b5,3b,7b,14b}-pile (downloaded once)."""
+        Hugging Face format directory (config.json + model.safetensors / pytorch_model.bin), a hub name
+        RWKV/rwkv-4-{169m,430m,1b5,3b,7b,14b}-pile (downloaded once), or a quantized .safetensors of export.py."""
+        from quantize import is_quantized_file, load_quantized
         path = hub_or_local(name_or_path, cls.HUB_NAMES)
+        if is_quantized_file(path):  # export.py's quantized .safetensors: the model comes out quantized
+            model, model_type, _ = load_quantized(path)
+            if model_type != 'rwkv':
+                raise ValueError(f"{name_or_path} holds a quantized {model_type}, not an RWKV")
+            return model
         if path.is_dir():
             hf, hf_state = load_hf_directory(path)
             if hf.get('model_type') != 'rwkv':

@@ -321,8 +321,23 @@ class RwkvCpp:
         lib.rwkv_quantize_model_file.restype = ctypes.c_bool
         lib.rwkv_free.argtypes = [ctypes.c_void_p]
 
+    @staticmethod
+    def _quiet(fn, *args):
+        """fn(*args) with the C library's own prints (a line per tensor) sent to /dev/null."""
+        import os
+        import sys
+        sys.stdout.flush()
+        saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        try:
+            return fn(*args)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(null)
+
     def load(self, model_file, threads=1):
-        ctx = self.lib.rwkv_init_from_file(str(model_file).encode(), threads)
+        ctx = self._quiet(self.lib.rwkv_init_from_file, str(model_file).encode(), threads)
         if not ctx:
             raise ValueError(f"rwkv.cpp could not load {model_file}")
         return ctx
@@ -339,7 +354,7 @@ class RwkvCpp:
 
     def quantize_file(self, src, dst, ggml_type):
         """The library's own quantizer (its version-100 layouts): 2 = Q4_0, 3 = Q4_1, 4 = Q4_1_O."""
-        if not self.lib.rwkv_quantize_model_file(str(src).encode(), str(dst).encode(), ggml_type):
+        if not self._quiet(self.lib.rwkv_quantize_model_file, str(src).encode(), str(dst).encode(), ggml_type):
             raise RuntimeError(f"rwkv.cpp could not quantize {src}")
 
     def free(self, ctx):

@@ -95,13 +95,31 @@ def test_options_benchmark(tmp_path):
     assert float(moe['rwkv moe E=4 k=2'][3]) > float(moe['rwkv moe E=4 k=1'][3])
 
 
+def test_quant_benchmark(dataset, tmp_path):
+    from helpers import args, run
+    r = run('train.py', *args('rwkv', dataset, tmp_path / 'o', 2, '--n_embd=32'))
+    assert r.returncode == 0, r.stderr
+    out = script('benchmarks/bench_quant.py', '--shape=(2, 32, 40)', '--threads=[1]', '--n_tokens=2', '--rounds=1',
+                 f"--checkpoints=['{tmp_path / 'o'}']", '--eval_tokens=512', cwd=tmp_path)
+    assert 'GB/s (read + write)' in out
+    rows = {(r[0], r[1]): r for r in table(out, 'decoder')}
+    for fmt in ('fp32', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4'):
+        name = 'ours fp32' if fmt == 'fp32' else f'ours {fmt} (head quantized)'
+        assert (name, '1') in rows and (name, '8') in rows, name
+    mb = {k[0]: float(r[4]) for k, r in rows.items() if k[0].startswith('ours')}
+    assert mb['ours int8 (head quantized)'] < 0.5 * mb['ours fp32']  # fewer bytes per token, from the buffers
+    assert ("rwkv pip 'cpu fp32'", '1') in rows and ('torch.ao dynamic int8 (ours)', '1') in rows
+    ppl = table(out, 'checkpoint')
+    assert [r[1] for r in ppl] == ['quantized', 'fp32'] and all(float(c.split()[0]) > 1 for c in ppl[0][2:])
+
+
 @pytest.mark.parametrize('name', ['benchmark_inference_time.py', 'benchmarks/bench_train.py',
                                   'benchmarks/bench_decode.py', 'benchmarks/bench_wkv.py', 'train.py', 'sample.py',
                                   'export.py', 'data/shakespeare_char/prepare.py', 'data/shakespeare/prepare.py',
                                   'data/openwebtext/prepare.py', 'data/openwebtext_neox/prepare.py',
                                   'data/tinystories/prepare.py', 'assets/make_animations.py',
                                   'benchmarks/bench_infctx.py', 'benchmarks/bench_long_range.py',
-                                  'benchmarks/bench_options.py'])
+                                  'benchmarks/bench_options.py', 'benchmarks/bench_quant.py'])
 def test_help_documents_every_option(name, tmp_path, monkeypatch):
     out = script(name, '--help', cwd=tmp_path)
     monkeypatch.setattr(sys, 'path', list(sys.path))  # the data scripts put the repository root on it

@@ -9,6 +9,8 @@ import torch
 from torch.nn import functional as F
 
 from helpers import one_line_error, run, tiny_gpt, tiny_rwkv
+from model_gpt import GPT
+from model_rwkv import RWKV
 from quantize import FORMATS, QLinear, dequantize, quantize
 
 f32 = np.float32
@@ -166,6 +168,7 @@ def test_export_load_sample_and_refusals(dataset, tmp_path):
         assert r.returncode == 0, r.stderr
         loaded, model_type, spec = load_pretrained(str(path))  # without the checkpoint it came from
         assert model_type == 'rwkv' and spec['tokenizer'] == 'char' and loaded.quantized[0] == fmt
+        assert torch.equal(RWKV.from_pretrained(path).prefill(idx)[0], loaded.prefill(idx)[0])
         in_memory = model_from_checkpoint(load_latest_checkpoint(tmp_path / 'o', 'cpu')[0]).quantize_(fmt)
         with torch.no_grad():
             assert torch.equal(loaded.prefill(idx)[0], in_memory.prefill(idx)[0])
@@ -181,6 +184,19 @@ def test_export_load_sample_and_refusals(dataset, tmp_path):
     one_line_error(bad, 'train.py', 'is a quantized model, for inference only')
     bad = run('sample.py', f'--out_dir={tmp_path / "o"}', '--quantize=q4_0', '--device=cuda')
     assert bad.returncode != 0 and 'Traceback' not in bad.stderr
+
+
+def test_quantized_gpt_file_round_trip(tmp_path):
+    from quantize import save_quantized
+    for head in (True, False):  # a float head stays tied to the embedding; a quantized one is saved apart
+        model = tiny_gpt(n_embd=64, vocab_size=40).quantize_('q8_0', head=head)
+        save_quantized(model, tmp_path / 'g.safetensors', 'gpt', {'tokenizer': 'gpt2'})
+        loaded = GPT.from_pretrained(tmp_path / 'g.safetensors')
+        idx = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            assert torch.equal(loaded.prefill(idx)[0], model.prefill(idx)[0]), head
+        with pytest.raises(ValueError, match='not an RWKV'):
+            RWKV.from_pretrained(tmp_path / 'g.safetensors')
 
 
 def test_file_size_is_the_formats_arithmetic(tmp_path):
