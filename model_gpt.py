@@ -224,6 +224,8 @@ class GPT(nn.Module):
         """Write a Hugging Face format directory that transformers loads as GPT2LMHeadModel."""
         from safetensors.torch import save_file
         cfg = self.config
+        if getattr(self, 'quantized', None):
+            raise ValueError(f"the model is quantized ({self.quantized[0]}): export the float model it came from")
         if cfg.attn_window or cfg.attn_kv_heads not in (0, cfg.n_head) or cfg.moe_experts:
             raise ValueError("GPT2LMHeadModel has no sliding window, grouped-query attention or mixture of experts: "
                              "save this model with train.py's checkpoints instead")

@@ -428,6 +428,8 @@ class RWKV(nn.Module):
     def plain_state_dict(self):
         """The weights in RWKV-LM's own form (never rescaled), fp32 on the CPU, RWKV-LM's names."""
         self.check_rwkv4('export')
+        if getattr(self, 'quantized', None):
+            raise ValueError(f"the model is quantized ({self.quantized[0]}): export the float model it came from")
         state = {k: v.detach().float().cpu().clone() for k, v in self.state_dict().items()}
         r = self.config.rescale_every
         for i in range(self.config.n_layer if r else 0):

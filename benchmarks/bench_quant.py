@@ -13,6 +13,7 @@ vector, the embedding's one row aside; GB/s = that x tokens/s, next to a copy of
 (bytes read + bytes written per second), the memory's limit. Perplexity: exp of the mean cross-entropy over the
 checkpoint's val.bin in windows of block_size, same windows for every format.
 """
+import copy
 import math
 import os
 import sys
@@ -82,6 +83,7 @@ def speed_rows(cfg, tmp):
                 p.normal_(0, 0.02)
     pth = Path(tmp) / 'model.pth'
     src.save_pth(pth)
+    file_sizes(src, pth, tmp)
     tokens = torch.randint(0, V, (cfg.n_tokens,), generator=torch.Generator().manual_seed(cfg.seed))
     rows = []
     for fmt in FORMATS:
@@ -137,6 +139,28 @@ def speed_rows(cfg, tmp):
         emb = src.emb.weight
         rows.append((f"rwkv.cpp {name}", 1, path.stat().st_size - emb.numel() * 4 + emb.shape[1] * 4, factory))
     return rows
+
+
+def file_sizes(src, pth, tmp):
+    """Bytes on disk of the fp32 .pth, each quantized .safetensors (head quantized) and each rwkv.cpp file."""
+    from quantize import save_quantized, save_rwkvcpp
+    base = pth.stat().st_size
+    print(f"| file | MB | vs fp32 .pth |\n|---|---|---|\n| fp32 .pth (RWKV-LM) | {base / 1e6:.1f} | 1.00 |")
+    for fmt in FORMATS[1:]:
+        path = Path(tmp) / f'model-{fmt}.safetensors'
+        model = copy.deepcopy(src).eval().quantize_(fmt)
+        save_quantized(model, path, 'rwkv')
+        print(f"| {fmt} .safetensors (head {'quantized' if model.quantized[1] else 'fp32'}) | "
+              f"{path.stat().st_size / 1e6:.1f} | {path.stat().st_size / base:.2f} |")
+        path.unlink()
+    for kind in ('FP16', 'Q8_0', 'Q5_1', 'Q4_0'):
+        path = Path(tmp) / f'rwkvcpp-{kind}.bin'
+        save_rwkvcpp(src, path, kind)
+        note = 'all matrices' if kind == 'FP16' else 'emb and head FP32'
+        print(f"| rwkv.cpp {kind} ({note}) | {path.stat().st_size / 1e6:.1f} | "
+              f"{path.stat().st_size / base:.2f} |")
+        path.unlink()
+    print()
 
 
 def perplexity(model, val, block, n_tokens):

@@ -153,6 +153,10 @@ def test_quantized_model_refuses_training():
         model.quantize_('q4_0')
     with pytest.raises(ValueError, match='unknown quantization format'):
         tiny_rwkv(dtype=torch.float32, n_embd=32).quantize_('q3_k')
+    with pytest.raises(ValueError, match='export the float model'):
+        model.save_pth('never-written.pth')
+    with pytest.raises(ValueError, match='export the float model'):
+        tiny_gpt().quantize_('int8').save_pretrained('never-written')
 
 
 def test_export_load_sample_and_refusals(dataset, tmp_path):
