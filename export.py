@@ -26,7 +26,8 @@ OPTIONS = dict(
     dest=Option('', "the directory (hf) or file (pth, quantized) to write"),
     rwkvcpp_type=Option('FP32', "format 'rwkvcpp': the data type of its matrices",
                         ('FP32', 'FP16', 'Q8_0', 'Q5_1', 'Q4_0')),
-    head=Option('default', "quantized formats: quantize the output head too ('default': quantize.DEFAULT_HEAD)",
+    head=Option('default', "quantized formats: quantize the output head too ('default': quantize.DEFAULT_HEAD, "
+                           "True)",
                 ('default', True, False)),
 )
 

@@ -172,15 +172,10 @@ class GPT(nn.Module):
 
     def quantize_(self, fmt, head=None):
         """Quantize the weight matrices in place for CPU inference (quantize.py): fmt one of int8, q8_0, q5_1, q4_0,
-        int4; head=None takes quantize.DEFAULT_HEAD[fmt]. The embeddings, LayerNorms and biases stay
+        int4; head=None takes quantize.DEFAULT_HEAD (True). The embeddings, LayerNorms and biases stay
         fp32 (a quantized lm_head unties it from the embedding, which stays fp32)."""
-        from quantize import DEFAULT_HEAD, quantizable, quantize_linears
-        if getattr(self, 'quantized', None):
-            raise ValueError(f"the model is already quantized ({self.quantized[0]})")
-        head = DEFAULT_HEAD.get(fmt, False) if head is None else head
-        quantize_linears(self, quantizable(self, head, 'lm_head'), fmt)
-        self.quantized = (fmt, head)
-        return self
+        from quantize import quantize_model
+        return quantize_model(self, fmt, head, 'lm_head')
 
     def crop_block_size(self, block_size):
         """Shrink the context length of a model, e.g. a pretrained 1024 one to a smaller block_size."""
@@ -200,10 +195,7 @@ class GPT(nn.Module):
         from quantize import is_quantized_file, load_quantized
         path = hub_or_local(name_or_path, cls.HUB_NAMES)
         if is_quantized_file(path):  # export.py's quantized .safetensors: the model comes out quantized
-            model, model_type, _ = load_quantized(path)
-            if model_type != 'gpt':
-                raise ValueError(f"{name_or_path} holds a quantized {model_type}, not a GPT")
-            return model
+            return load_quantized(path, expect='gpt')[0]
         hf, state = load_hf_directory(path)
         if hf.get('model_type') != 'gpt2':
             raise ValueError(f"{name_or_path} is a '{hf.get('model_type')}' model, not GPT-2")

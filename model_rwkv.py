@@ -410,14 +410,9 @@ class RWKV(nn.Module):
 
     def quantize_(self, fmt, head=None):
         """Quantize the weight matrices in place for CPU inference (quantize.py): fmt one of int8, q8_0, q5_1, q4_0,
-        int4; head=None takes quantize.DEFAULT_HEAD[fmt]. The embedding, LayerNorms and time_* vectors stay fp32."""
-        from quantize import DEFAULT_HEAD, quantizable, quantize_linears
-        if getattr(self, 'quantized', None):
-            raise ValueError(f"the model is already quantized ({self.quantized[0]})")
-        head = DEFAULT_HEAD.get(fmt, False) if head is None else head
-        quantize_linears(self, quantizable(self, head, 'head'), fmt)
-        self.quantized = (fmt, head)
-        return self
+        int4; head=None takes quantize.DEFAULT_HEAD (True). The embedding, LayerNorms and time_* vectors stay fp32."""
+        from quantize import quantize_model
+        return quantize_model(self, fmt, head, 'head')
 
     def check_rwkv4(self, what):
         """The RWKV-4 of RWKV-LM and transformers has no MoE nor attention layers: no file of theirs can hold them."""
@@ -447,10 +442,7 @@ class RWKV(nn.Module):
         from quantize import is_quantized_file, load_quantized
         path = hub_or_local(name_or_path, cls.HUB_NAMES)
         if is_quantized_file(path):  # export.py's quantized .safetensors: the model comes out quantized
-            model, model_type, _ = load_quantized(path)
-            if model_type != 'rwkv':
-                raise ValueError(f"{name_or_path} holds a quantized {model_type}, not an RWKV")
-            return model
+            return load_quantized(path, expect='rwkv')[0]
         if path.is_dir():
             hf, hf_state = load_hf_directory(path)
             if hf.get('model_type') != 'rwkv':

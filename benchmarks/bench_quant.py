@@ -9,8 +9,8 @@ $ python benchmarks/bench_quant.py --checkpoints="['out-shakespeare-char']" --n_
 
 Speed: batch 1 and batch 8 (ours only: the others decode one sequence per call), 1 and 2 threads, the formats in
 interleaved rounds, best round reported (this machine is noisy). "MB/token" is what a step reads: every matrix and
-vector, the embedding's one row aside; GB/s = that x tokens/s, next to a copy of 512 MB measured in the same run
-(bytes read + bytes written per second), the memory's limit. Perplexity: exp of the mean cross-entropy over the
+vector, the embedding's one row aside; GB/s = that x tokens/s, next to a 512 MB copy (read + written) and a 512 MB
+sum (read) measured in the same run: the memory's limit. Perplexity: exp of the mean cross-entropy over the
 checkpoint's val.bin in windows of block_size, same windows for every format.
 """
 import copy
@@ -43,15 +43,19 @@ OPTIONS = dict(
 )
 
 
-def memcpy_gbs():
-    src = torch.ones(2 ** 27)  # 512 MB
-    dst = torch.empty_like(src)
-    best = float('inf')
+def memory_gbs():
+    """GB/s of a 512 MB copy (bytes read + written) and of a 512 MB sum (bytes read), best of 5, at the current
+    thread count: what a matrix-vector product that reads its matrix once could reach."""
+    src = torch.ones(2 ** 27)
+    dst = torch.ones_like(src)
+    copy, read = float('inf'), float('inf')
     for _ in range(5):
         t0 = time.perf_counter()
         dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / best / 1e9
+        t1 = time.perf_counter()
+        src.sum()
+        copy, read = min(copy, t1 - t0), min(read, time.perf_counter() - t1)
+    return 2 * src.numel() * 4 / copy / 1e9, src.numel() * 4 / read / 1e9
 
 
 def step_bytes(model):
@@ -181,8 +185,12 @@ def main(argv):
     commit, machine = run_provenance('cpu')
     print(f"# bench_quant.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, {machine}, "
           f"{time.strftime('%Y-%m-%d')}\n")
-    gbs = memcpy_gbs()
-    print(f"memory: a 512 MB copy runs at {gbs:.1f} GB/s (read + write)\n")
+    for threads in cfg.threads:
+        torch.set_num_threads(threads)
+        copy, read = memory_gbs()
+        print(f"memory, {threads} thread{'s' if threads > 1 else ''}: a 512 MB copy runs at {copy:.1f} GB/s (read + "
+              f"write), a 512 MB sum at {read:.1f} GB/s (read)")
+    print()
     with tempfile.TemporaryDirectory() as tmp:
         rows = speed_rows(cfg, tmp)
         L, C, V = cfg.shape

@@ -101,7 +101,7 @@ def test_quant_benchmark(dataset, tmp_path):
     assert r.returncode == 0, r.stderr
     out = script('benchmarks/bench_quant.py', '--shape=(2, 32, 40)', '--threads=[1]', '--n_tokens=2', '--rounds=1',
                  f"--checkpoints=['{tmp_path / 'o'}']", '--eval_tokens=512', cwd=tmp_path)
-    assert 'GB/s (read + write)' in out
+    assert 'GB/s (read + write), a 512 MB sum at' in out
     rows = {(r[0], r[1]): r for r in table(out, 'decoder')}
     for fmt in ('fp32', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4'):
         name = 'ours fp32' if fmt == 'fp32' else f'ours {fmt} (head quantized)'

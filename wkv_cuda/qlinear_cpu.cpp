@@ -6,10 +6,11 @@
 // lanes (AVX2: sign/zero extension, nibble masks and shifts, q5_1's fifth bit by a variable shift of qh), then to
 // float, multiplied into the activations with FMA; the block's sum is scaled by its d once. An asymmetric format's
 // offset m contributes m * (the block's sum of activations), computed once per input row. Accumulation is float32.
-// Parallel over output rows with at::parallel_for; every input row of a batch reuses the weight row while it is in
-// L1. Without AVX2 the same arithmetic runs one element at a time.
+// Parallel over output rows with at::parallel_for; a widened block serves up to 8 input rows of a batch before the
+// next is read. Without AVX2 the same arithmetic runs one element at a time.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #ifdef __AVX2__
@@ -60,32 +61,45 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-// sum_b d_b * (sum_i q_bi * x_bi) over the blocks of one weight row and one input row; int8's single row scale is
-// applied by the caller (its d pointer is null here)
+constexpr int64_t RB = 8;  // input rows that share one widening of a weight block (a decode batch)
+
+// out[r] = sum_b d_b * (sum_i q_bi * x[r]_bi) over the blocks of one weight row, for n <= RB input rows (x: row r at
+// x + r * I). Each block is widened once and used by every input row. int8's single row scale is applied by the caller
+// (its d is null here).
 template <int FMT>
-inline float row_dot(const uint8_t *row, const int32_t *qh, const float *d, const float *x, int64_t nb) {
+inline void row_dots(const uint8_t *row, const int32_t *qh, const float *d, const float *x, int64_t I, int64_t nb,
+                     int64_t n, float *out) {
 #ifdef __AVX2__
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[RB];
+    for (int64_t r = 0; r < n; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * block_bytes<FMT>();
         const uint32_t h = FMT == 3 ? static_cast<uint32_t>(qh[b]) : 0;
-        const float *xb = x + b * QK;
-        __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(qvalues8<FMT>(blk, h, 0)), _mm256_loadu_ps(xb));
-        for (int g = 1; g < 4; g++)
-            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qvalues8<FMT>(blk, h, g)), _mm256_loadu_ps(xb + 8 * g), s);
-        acc = FMT == 0 ? _mm256_add_ps(acc, s) : _mm256_fmadd_ps(s, _mm256_set1_ps(d[b]), acc);
+        __m256 w[4];
+        for (int g = 0; g < 4; g++) w[g] = _mm256_cvtepi32_ps(qvalues8<FMT>(blk, h, g));
+        const __m256 scale = _mm256_set1_ps(FMT == 0 ? 1.0f : d[b]);
+        for (int64_t r = 0; r < n; r++) {
+            const float *xb = x + r * I + b * QK;
+            __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+            for (int g = 1; g < 4; g++) s = _mm256_fmadd_ps(w[g], _mm256_loadu_ps(xb + 8 * g), s);
+            acc[r] = FMT == 0 ? _mm256_add_ps(acc[r], s) : _mm256_fmadd_ps(s, scale, acc[r]);
+        }
     }
-    return hsum(acc);
+    for (int64_t r = 0; r < n; r++) out[r] = hsum(acc[r]);
 #else
-    float acc = 0.0f;
+    for (int64_t r = 0; r < n; r++) out[r] = 0.0f;
+    int32_t w[QK];
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * block_bytes<FMT>();
         const uint32_t h = FMT == 3 ? static_cast<uint32_t>(qh[b]) : 0;
-        float s = 0.0f;
-        for (int i = 0; i < QK; i++) s += static_cast<float>(qvalue<FMT>(blk, h, i)) * x[b * QK + i];
-        acc += FMT == 0 ? s : s * d[b];
+        for (int i = 0; i < QK; i++) w[i] = qvalue<FMT>(blk, h, i);
+        for (int64_t r = 0; r < n; r++) {
+            const float *xb = x + r * I + b * QK;
+            float s = 0.0f;
+            for (int i = 0; i < QK; i++) s += static_cast<float>(w[i]) * xb[i];
+            out[r] += FMT == 0 ? s : s * d[b];
+        }
     }
-    return acc;
 #endif
 }
 
@@ -101,19 +115,23 @@ void qlinear(int64_t B, int64_t O, int64_t I, const float *x, const uint8_t *q, 
         xsum[i] = s;
     }
     at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
+        float dots[RB];
         for (int64_t o = o0; o < o1; o++) {
             const uint8_t *row = q + o * nb * block_bytes<FMT>();
             const float *dr = FMT == 0 ? nullptr : d + o * nb;
             const int32_t *qhr = FMT == 3 ? qh + o * nb : nullptr;
-            for (int64_t b = 0; b < B; b++) {
-                float v = row_dot<FMT>(row, qhr, dr, x + b * I, nb);
-                if (FMT == 0) v *= d[o];
-                if (asym) {
-                    const float *mr = m + o * nb;
-                    const float *xs = xsum.data() + b * nb;
-                    for (int64_t k = 0; k < nb; k++) v += mr[k] * xs[k];
+            for (int64_t b0 = 0; b0 < B; b0 += RB) {
+                const int64_t n = std::min(RB, B - b0);
+                row_dots<FMT>(row, qhr, dr, x + b0 * I, I, nb, n, dots);
+                for (int64_t r = 0; r < n; r++) {
+                    float v = FMT == 0 ? dots[r] * d[o] : dots[r];
+                    if (asym) {
+                        const float *mr = m + o * nb;
+                        const float *xs = xsum.data() + (b0 + r) * nb;
+                        for (int64_t k = 0; k < nb; k++) v += mr[k] * xs[k];
+                    }
+                    y[(b0 + r) * O + o] = v;
                 }
-                y[b * O + o] = v;
             }
         }
     });
