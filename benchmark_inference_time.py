@@ -153,6 +153,9 @@ def print_table(at, summary):
               f"{s['cache_mb_last']:.3f} | {grows} | {s['total_s']:.1f} |")
 
 
+STATE_LABEL = {'rwkv': 'state', 'hybrid': 'state + KV cache'}
+
+
 def figure(rows, title):
     """The three panels of the original README's plot: single-token latency, cumulative latency, memory."""
     import matplotlib
@@ -171,7 +174,7 @@ def figure(rows, title):
             axes[2].plot(n, [r[mem_key] - mine[0][mem_key] for r in mine], color=line.get_color(),
                          label=f"{name} (process RSS growth)")
         axes[2].plot(n, [r['cache_mb'] for r in mine], color=line.get_color(), ls='--',
-                     label=f"{name} ({'state' if name == 'rwkv' else 'state + KV cache' if name == 'hybrid' else 'KV cache'})")
+                     label=f"{name} ({STATE_LABEL.get(name, 'KV cache')})")
     for ax, ylabel, t in zip(axes, ['ms', 's', 'MB'], ['single-token latency', 'cumulative latency', 'memory']):
         ax.set(xlabel='#tokens', ylabel=ylabel, title=t)
         ax.grid(alpha=0.3)

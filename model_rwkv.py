@@ -269,7 +269,8 @@ class RWKVConfig:
         self.attn_layers = tuple(self.attn_layers)  # a checkpoint stores a list
         bad = [i for i in self.attn_layers if not 0 <= i < self.n_layer]
         if bad or len(set(self.attn_layers)) != len(self.attn_layers):
-            raise ValueError(f"attn_layers={list(self.attn_layers)} must be distinct block indices in 0..{self.n_layer - 1}")
+            raise ValueError(f"attn_layers={list(self.attn_layers)} must be distinct block indices in "
+                             f"0..{self.n_layer - 1}")
         if self.attn_layers:
             check_attention(self.n_embd, self.n_head, self.attn_kv_heads, self.attn_window)
 
@@ -417,8 +418,9 @@ class RWKV(nn.Module):
     def check_rwkv4(self, what):
         """The RWKV-4 of RWKV-LM and transformers has no MoE nor attention layers: no file of theirs can hold them."""
         if self.config.moe_experts or self.config.attn_layers:
-            raise ValueError(f"{what}: this model has {'MoE channel mixes' if self.config.moe_experts else 'attention layers'}, "
-                             f"which RWKV-LM's and transformers' RWKV-4 do not; keep train.py's checkpoint instead")
+            has = 'MoE channel mixes' if self.config.moe_experts else 'attention layers'
+            raise ValueError(f"{what}: this model has {has}, which RWKV-LM's and transformers' RWKV-4 do not; keep "
+                             f"train.py's checkpoint instead")
 
     def plain_state_dict(self):
         """The weights in RWKV-LM's own form (never rescaled), fp32 on the CPU, RWKV-LM's names."""

@@ -7,8 +7,9 @@ $ python benchmarks/bench_options.py                 # CPU: L4 C128, 16 x 128 to
 
 The quick-start rows time forward + backward + AdamW step (training as train.py does it); the MoE rows forward +
 backward only, as AdamW's cost grows with all the parameters, the experts no token visited included. The variants run
-in interleaved rounds and each reports its best round (this 2-core machine is noisy: the least disturbed). Parameters: all of them, and those a token
-uses (an MoE layer's router and top_k experts); FLOPs per token from the models' flops_per_token.
+in interleaved rounds and each reports its best round (this 2-core machine is noisy: the least disturbed).
+Parameters: all of them, and those a token uses (an MoE layer's router and top_k experts); FLOPs per token from the
+models' flops_per_token.
 """
 import sys
 import time

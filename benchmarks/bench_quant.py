@@ -95,8 +95,8 @@ def speed_rows(cfg, tmp):
         if fmt != 'fp32':
             model.quantize_(fmt)
         for b in cfg.batch_sizes:
-            rows.append((f"ours {fmt}" + ('' if fmt == 'fp32' else f" (head {'quantized' if model.quantized[1] else 'fp32'})"),
-                         b, step_bytes(model), lambda n, m=model, b=b: our_runner(m, tokens, b)))
+            head = '' if fmt == 'fp32' else f" (head {'quantized' if model.quantized[1] else 'fp32'})"
+            rows.append((f"ours {fmt}{head}", b, step_bytes(model), lambda n, m=model, b=b: our_runner(m, tokens, b)))
     if not cfg.rivals:
         return rows
     float_model = RWKV.from_pretrained(pth).eval()

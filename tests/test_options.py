@@ -321,12 +321,13 @@ def test_tinystories_configs_run_on_a_local_text_file(tmp_path):
     (tmp_path / 'stories.txt').write_text('\n'.join(stories) + '\n')
     word_tokenizer(tmp_path / 'tok.json', words)
     data = tmp_path / 'ts'
-    r = run('data/tinystories/prepare.py', f'--source={tmp_path / "stories.txt"}', f'--tokenizer={tmp_path / "tok.json"}',
+    r = run('data/tinystories/prepare.py', f'--source={tmp_path / "stories.txt"}',
+            f'--tokenizer={tmp_path / "tok.json"}',
             f'--out_dir={data}', '--val_every=10', '--num_proc=1')
     assert r.returncode == 0, r.stderr[-2000:]
     small = [f'--data_dir={data}', '--device=cpu', '--n_embd=32', '--block_size=32', '--batch_size=4',
-             '--gradient_accumulation_steps=1', '--max_iters=4', '--eval_interval=4', '--eval_iters=2', '--compile=False',
-             '--warmup_iters=1', '--log_interval=1']
+             '--gradient_accumulation_steps=1', '--max_iters=4', '--eval_interval=4', '--eval_iters=2',
+             '--compile=False', '--warmup_iters=1', '--log_interval=1']
     for config in ('rwkv', 'gpt', 'hybrid', 'cpu'):
         r = run('train.py', f'config/train_tinystories_{config}.py', *small, f'--out_dir={tmp_path / config}')
         assert r.returncode == 0, (config, r.stderr[-2000:])

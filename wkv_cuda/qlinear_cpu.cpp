@@ -63,37 +63,37 @@ inline float hsum(__m256 v) {
 
 constexpr int64_t RB = 8;  // input rows that share one widening of a weight block (a decode batch)
 
-// out[r] = sum_b d_b * (sum_i q_bi * x[r]_bi) over the blocks of one weight row, for n <= RB input rows (x: row r at
-// x + r * I). Each block is widened once and used by every input row. int8's single row scale is applied by the caller
-// (its d is null here).
-template <int FMT>
+// out[r] = sum_b d_b * (sum_i q_bi * x[r]_bi) over the blocks of one weight row, for N <= RB input rows (x: row r at
+// x + r * I). Each block is widened once and used by every input row. N is a compile-time constant so that the N
+// accumulators live in registers. int8's single row scale is applied by the caller (its d is null here).
+template <int FMT, int N>
 inline void row_dots(const uint8_t *row, const int32_t *qh, const float *d, const float *x, int64_t I, int64_t nb,
-                     int64_t n, float *out) {
+                     float *out) {
 #ifdef __AVX2__
-    __m256 acc[RB];
-    for (int64_t r = 0; r < n; r++) acc[r] = _mm256_setzero_ps();
+    __m256 acc[N];
+    for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * block_bytes<FMT>();
         const uint32_t h = FMT == 3 ? static_cast<uint32_t>(qh[b]) : 0;
         __m256 w[4];
         for (int g = 0; g < 4; g++) w[g] = _mm256_cvtepi32_ps(qvalues8<FMT>(blk, h, g));
         const __m256 scale = _mm256_set1_ps(FMT == 0 ? 1.0f : d[b]);
-        for (int64_t r = 0; r < n; r++) {
+        for (int r = 0; r < N; r++) {
             const float *xb = x + r * I + b * QK;
             __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
             for (int g = 1; g < 4; g++) s = _mm256_fmadd_ps(w[g], _mm256_loadu_ps(xb + 8 * g), s);
             acc[r] = FMT == 0 ? _mm256_add_ps(acc[r], s) : _mm256_fmadd_ps(s, scale, acc[r]);
         }
     }
-    for (int64_t r = 0; r < n; r++) out[r] = hsum(acc[r]);
+    for (int r = 0; r < N; r++) out[r] = hsum(acc[r]);
 #else
-    for (int64_t r = 0; r < n; r++) out[r] = 0.0f;
+    for (int r = 0; r < N; r++) out[r] = 0.0f;
     int32_t w[QK];
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * block_bytes<FMT>();
         const uint32_t h = FMT == 3 ? static_cast<uint32_t>(qh[b]) : 0;
         for (int i = 0; i < QK; i++) w[i] = qvalue<FMT>(blk, h, i);
-        for (int64_t r = 0; r < n; r++) {
+        for (int r = 0; r < N; r++) {
             const float *xb = x + r * I + b * QK;
             float s = 0.0f;
             for (int i = 0; i < QK; i++) s += static_cast<float>(w[i]) * xb[i];
@@ -101,6 +101,21 @@ inline void row_dots(const uint8_t *row, const int32_t *qh, const float *d, cons
         }
     }
 #endif
+}
+
+template <int FMT>
+void row_dots_n(int64_t n, const uint8_t *row, const int32_t *qh, const float *d, const float *x, int64_t I,
+                int64_t nb, float *out) {
+    switch (n) {
+        case 1: row_dots<FMT, 1>(row, qh, d, x, I, nb, out); break;
+        case 2: row_dots<FMT, 2>(row, qh, d, x, I, nb, out); break;
+        case 3: row_dots<FMT, 3>(row, qh, d, x, I, nb, out); break;
+        case 4: row_dots<FMT, 4>(row, qh, d, x, I, nb, out); break;
+        case 5: row_dots<FMT, 5>(row, qh, d, x, I, nb, out); break;
+        case 6: row_dots<FMT, 6>(row, qh, d, x, I, nb, out); break;
+        case 7: row_dots<FMT, 7>(row, qh, d, x, I, nb, out); break;
+        default: row_dots<FMT, 8>(row, qh, d, x, I, nb, out); break;
+    }
 }
 
 template <int FMT>
@@ -122,7 +137,7 @@ void qlinear(int64_t B, int64_t O, int64_t I, const float *x, const uint8_t *q, 
             const int32_t *qhr = FMT == 3 ? qh + o * nb : nullptr;
             for (int64_t b0 = 0; b0 < B; b0 += RB) {
                 const int64_t n = std::min(RB, B - b0);
-                row_dots<FMT>(row, qhr, dr, x + b0 * I, I, nb, n, dots);
+                row_dots_n<FMT>(n, row, qhr, dr, x + b0 * I, I, nb, dots);
                 for (int64_t r = 0; r < n; r++) {
                     float v = FMT == 0 ? dots[r] * d[o] : dots[r];
                     if (asym) {
