@@ -39,6 +39,7 @@ OPTIONS = dict(
     checkpoints=Option([], "out_dirs of trained RWKV checkpoints whose val perplexity is measured per format"),
     head=Option([True, False], "perplexity with the head quantized and kept fp32"),
     eval_tokens=Option(65536, "val tokens per perplexity (in block_size windows)", '>= 1'),
+    plot=Option('assets/quant_decode_cpu.png', "where the bar chart of batch-1 tokens/s goes ('' = none)"),
     seed=Option(1337, "seeds the random weights and tokens", '>= 0'),
 )
 
@@ -191,6 +192,7 @@ def main(argv):
         print(f"memory, {threads} thread{'s' if threads > 1 else ''}: a 512 MB copy runs at {copy:.1f} GB/s (read + "
               f"write), a 512 MB sum at {read:.1f} GB/s (read)")
     print()
+    results = {}  # threads -> [(decoder, tokens/s)] at batch 1
     with tempfile.TemporaryDirectory() as tmp:
         rows = speed_rows(cfg, tmp)
         L, C, V = cfg.shape
@@ -214,10 +216,36 @@ def main(argv):
                 mb = f"{nbytes / 1e6:.1f}" if nbytes else '-'
                 bw = f"{nbytes / t / 1e9:.1f}" if nbytes else '-'
                 print(f"| {name} | {b} | {rate:,.1f} | {rate / base:.2f}x | {mb} | {bw} |", flush=True)
+                if b == 1:
+                    results.setdefault(threads, []).append((name.split(' (')[0], rate))
             print()
     torch.set_num_threads(max(cfg.threads))
+    if cfg.plot:
+        plot(results, f"RWKV-4 L{L} C{C} V{V} RNN decoding, batch 1, {machine}, commit {commit}", cfg.plot)
     if cfg.checkpoints:
         perplexities(cfg)
+
+
+def plot(results, title, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    names = [n for n, _ in next(iter(results.values()))]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(results)
+    for i, (threads, rows) in enumerate(results.items()):
+        ax.bar([j + i * width for j in range(len(rows))], [r for _, r in rows], width,
+               label=f"{threads} thread{'s' if threads > 1 else ''}")
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(names))], names, rotation=30, ha='right',
+                  fontsize=8)
+    ax.set(ylabel='tokens/s', title=title)
+    ax.title.set_fontsize(9)
+    ax.grid(axis='y', alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}\n")
 
 
 def perplexities(cfg):

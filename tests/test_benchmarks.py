@@ -100,7 +100,8 @@ def test_quant_benchmark(dataset, tmp_path):
     r = run('train.py', *args('rwkv', dataset, tmp_path / 'o', 2, '--n_embd=32'))
     assert r.returncode == 0, r.stderr
     out = script('benchmarks/bench_quant.py', '--shape=(2, 32, 40)', '--threads=[1]', '--n_tokens=2', '--rounds=1',
-                 f"--checkpoints=['{tmp_path / 'o'}']", '--eval_tokens=512', cwd=tmp_path)
+                 f"--checkpoints=['{tmp_path / 'o'}']", '--eval_tokens=512', f'--plot={tmp_path}/q.png', cwd=tmp_path)
+    assert (tmp_path / 'q.png').stat().st_size > 10000
     assert 'GB/s (read + write), a 512 MB sum at' in out
     rows = {(r[0], r[1]): r for r in table(out, 'decoder')}
     for fmt in ('fp32', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4'):

@@ -2,6 +2,7 @@
 written out here block by block in float32 scalars, the kernels against a float matmul of the dequantized weights,
 quantized models in every mode, files in and out, and the refusals."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -314,3 +315,32 @@ def test_rwkvcpp_library_runs_our_files(tmp_path):
                 want, state = ours.step(torch.tensor([token]), state)
             assert (logits - want[0]).abs().max() / want.abs().max() <= tol, (data_type, token)
         lib.free(ctx)
+
+
+def test_portable_scalar_kernel_equals_dequantized_matmul(tmp_path):
+    """The kernels' path for CPUs without AVX2, built here without -mavx2 (a fresh build directory): the same results
+    as a float matmul of the dequantized weights, for every format, batch 1 and 5."""
+    import subprocess
+    import sys
+    from helpers import REPO
+    code = f"""
+import torch, wkv_cuda
+from quantize import FMT_ID, FORMATS, dequantize, quantize
+ext = wkv_cuda.build_extension('cpu', build_directory={str(tmp_path)!r}, simd=False)
+g = torch.Generator().manual_seed(0)
+for fmt in FORMATS:
+    W = torch.randn(45, 96, generator=g)
+    t = quantize(W, fmt)
+    f = lambda n: t[n].float() if n in t else torch.empty(0)
+    for B in (1, 5):
+        x = torch.randn(B, 96, generator=g)
+        y = ext.qlinear(x, FMT_ID[fmt], t['q'], f('d'), f('m'), t.get('qh', torch.empty(0, dtype=torch.int32)))
+        want = x.double() @ dequantize(t, fmt).double().T
+        err = ((y.double() - want).abs().max() / want.abs().max()).item()
+        assert err <= 1e-5, (fmt, B, err)
+print('scalar ok')
+"""
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=1200, cwd=REPO,
+                       env={**os.environ, 'MAX_JOBS': '2'})
+    assert r.returncode == 0 and 'scalar ok' in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    assert list(tmp_path.glob('*_scalar*.so'))

@@ -127,9 +127,10 @@ class WKVTorch(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------------
 # the compiled kernels
 
-def build_extension(kind, build_directory=None, verbose=False):
+def build_extension(kind, build_directory=None, verbose=False, simd=True):
     """Compile (or load from torch's extension cache) the 'cpu' or 'cuda' kernels. Sources are found next to this
-    file, so any working directory works. The CUDA build also contains the CPU kernel."""
+    file, so any working directory works. The CUDA build also contains the CPU kernel. simd=False leaves AVX2 out
+    (the portable paths, which the tests build to check them on an AVX2 machine)."""
     import logging
     log = logging.getLogger('torch.utils.cpp_extension')
     level = log.level
@@ -143,7 +144,9 @@ def build_extension(kind, build_directory=None, verbose=False):
     # -ffast-math lets gcc vectorise expf through glibc's libmvec; the recurrence never produces inf or NaN
     cflags = ['-O3', '-fopenmp', '-ffast-math']
     name = f'nanorwkv_wkv_{kind}'
-    if torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512'):
+    if not simd:
+        name += '_scalar'
+    elif torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512'):
         # 8-wide SIMD where this CPU has it; the name keeps builds for different CPUs apart in the cache
         cflags += ['-mavx2', '-mfma']
         name += '_avx2'
