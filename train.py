@@ -11,6 +11,7 @@ $ torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py config/trai
 OPTIONS below is the configuration; a config file (plain Python assignments) and then `--key=value` arguments
 override it (configurator.py). Only keys defined here are accepted.
 """
+import gc
 import json
 import math
 import os
@@ -535,4 +536,8 @@ if __name__ == '__main__':
         sys.exit(f"train.py: error: {e}")
     finally:
         if torch.distributed.is_initialized():
+            # free the model and optimizer first (FSDP's hooks hold them in reference cycles): left to the interpreter's
+            # shutdown, tensors still tied to gloo's worker threads are destroyed after the GIL is gone, and a rank
+            # aborts ("terminate called without an active exception") after a finished run
+            gc.collect()
             torch.distributed.destroy_process_group()
