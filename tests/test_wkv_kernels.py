@@ -225,8 +225,12 @@ def test_cpu_kernel_under_ddp_matches_one_process(dataset, tmp_path):
 def test_benchmark_script_runs(tmp_path):
     # end to end on a tiny setting; no timing is asserted
     r = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'bench_wkv.py'), '--shapes=[(2, 9, 5)]',
-                        '--repeats=1'], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                        '--repeats=1', '--wkv5_shapes=[(2, 37, 16, 8)]', '--chunk_len=8'], capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [line for line in r.stdout.splitlines() if line.startswith('| ') and not line.startswith('| backend')]
+    rows = [line for line in r.stdout.splitlines()
+            if line.startswith('| ') and not line.startswith(('| backend', '| form'))]
     assert [row.split(' | ')[:5] for row in rows] == [['| torch', 'float32', '2', '9', '5'],
-                                                      ['| cpu', 'float32', '2', '9', '5']]
+                                                      ['| cpu', 'float32', '2', '9', '5'],
+                                                      ['| loop', '2', '37', '16', '8'],
+                                                      ['| chunked', '2', '37', '16', '8']]

@@ -1,0 +1,77 @@
+"""
+The WKV operator of RWKV-5 and RWKV-6 (matrix-valued state per head), in pure PyTorch: a per-token reference loop
+and an exact chunked form for training and prefill. A first building block of RWKV-5/6 in this repository (the models
+that use it are not here yet).
+
+Per head, with head size N, key/receptance/decay channels i and value channels j (RWKV-LM RWKV-v5/src/model.py
+RWKV_Tmix_x052 / x060 and their CUDA kernels; the rwkv pip package's state layout (H, K, V)):
+
+    y_t[j] = sum_i r_t[i] * (u[i] * k_t[i] * v_t[j] + S_{t-1}[i, j])
+    S_t[i, j] = w_t[i] * S_{t-1}[i, j] + k_t[i] * v_t[j]
+
+w_t = exp(logw_t) is the decay, one per key channel and, in RWKV-6, per token (RWKV-5: the same at every token);
+u is the "bonus" (time_faaaa) of the current token. Inputs r, k, v, logw are (B, T, H, N), u (H, N); the state is
+(B, H, N, N) [key, value], fp32 (fp64 for fp64 inputs) whatever the input dtype.
+
+The chunked form (chunk length L, a power of two) splits T into chunks. Inside a chunk, with c_t the inclusive and
+e_t the exclusive cumulative log-decay (e built by shifting c, never as c - logw, which loses accuracy when decays are
+strong), token t sees token s < t through sum_i r_t[i] k_s[i] exp(e_t[i] - c_s[i]): formed pairwise, so every exponent
+is a sum of log-decays, <= 0, and decays of e^-20 per token cannot overflow. The state enters as (r_t * exp(e_t)) S
+and leaves as exp(c_L) S + sum_s (k_s * exp(c_L - c_s)) v_s^T: one hand-off per chunk, no loop over tokens.
+Gradients (also of the incoming state) come from autograd through either form.
+"""
+import torch
+
+
+def _acc(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def wkv5_loop(r, k, v, logw, u, state=None):
+    """The recurrence one token at a time (the test oracle). Returns y (B, T, H, N) in r's dtype and the state."""
+    B, T, H, N = r.shape
+    acc = _acc(r)
+    r, k, v, logw, u = (x.to(acc) for x in (r, k, v, logw, u))
+    S = torch.zeros(B, H, N, N, dtype=acc, device=r.device) if state is None else state.to(acc)
+    ys = []
+    for t in range(T):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # (B, H, K, V)
+        ys.append(((S + u[None, :, :, None] * kv) * r[:, t, :, :, None]).sum(-2))  # (B, H, V)
+        S = torch.exp(logw[:, t])[..., None] * S + kv
+    return torch.stack(ys, dim=1).to(r.dtype), S
+
+
+def wkv5_chunked(r, k, v, logw, u, state=None, chunk_len=16):
+    """The same function, chunk by chunk (see the module docstring). Any T: the last chunk is padded with tokens that
+    neither decay nor write (logw = 0, k = 0)."""
+    if chunk_len < 1 or chunk_len & (chunk_len - 1):
+        raise ValueError(f"chunk_len={chunk_len} must be a power of two (16 is the default)")
+    B, T, H, N = r.shape
+    acc, L = _acc(r), chunk_len
+    dtype = r.dtype
+    r, k, v, logw, u = (x.to(acc) for x in (r, k, v, logw, u))
+    S = torch.zeros(B, H, N, N, dtype=acc, device=r.device) if state is None else state.to(acc)
+    pad = (-T) % L
+    if pad:
+        r, k, v, logw = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (r, k, v, logw))
+    n = (T + pad) // L
+    # (B, T, H, N) -> (B, H, n, L, N): chunks of L tokens
+    r, k, v, logw = (x.view(B, n, L, H, N).permute(0, 3, 1, 2, 4) for x in (r, k, v, logw))
+    c = logw.cumsum(dim=3)  # inclusive cumulative log-decay, (B, H, n, L, N)
+    e = torch.cat([torch.zeros_like(c[:, :, :, :1]), c[:, :, :, :-1]], dim=3)  # exclusive, by shifting
+    # intra-chunk: A[t, s] = sum_i r_t[i] k_s[i] exp(e_t[i] - c_s[i]) for s < t, every exponent <= 0
+    below = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)  # (L, L): s < t
+    gap = (e[..., :, None, :] - c[..., None, :, :]).masked_fill(~below[..., None], float('-inf'))  # (B,H,n,L,L,N)
+    A = torch.einsum('bhnti,bhnsi,bhntsi->bhnts', r, k, torch.exp(gap))  # (B, H, n, L, L)
+    y = A @ v + (r * u[None, :, None, None, :] * k).sum(-1, keepdim=True) * v  # (B, H, n, L, V)
+    # inter-chunk: the state seen by each token, and the state after each chunk
+    r_in = r * torch.exp(e)  # (B, H, n, L, K): the incoming state decayed to token t
+    k_out = k * torch.exp(c[:, :, :, -1:] - c)  # (B, H, n, L, K): token s decayed to the chunk's end
+    decay = torch.exp(c[:, :, :, -1])  # (B, H, n, K): the whole chunk's decay
+    ys = []
+    for j in range(n):
+        ys.append(r_in[:, :, j] @ S)  # (B, H, L, V)
+        S = decay[:, :, j, :, None] * S + k_out[:, :, j].transpose(-1, -2) @ v[:, :, j]
+    y = y + torch.stack(ys, dim=2)  # (B, H, n, L, V)
+    y = y.permute(0, 2, 3, 1, 4).reshape(B, n * L, H, N)[:, :T]  # (B, T, H, N)
+    return y.to(dtype), S
