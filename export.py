@@ -40,7 +40,8 @@ def main(argv):
     model = model_from_checkpoint(ckpt)
     dest = Path(cfg.dest)
     if cfg.format in ('pth', 'rwkvcpp') and ckpt['model_type'] != 'rwkv':
-        raise ConfigError(f"format '{cfg.format}' is for RWKV; this checkpoint is a GPT: use --format=hf or a "
+        what = "RWKV's official format" if cfg.format == 'pth' else "rwkv.cpp's format, for RWKV"
+        raise ConfigError(f"format '{cfg.format}' is {what}; this checkpoint is a GPT: use --format=hf or a "
                           f"quantized format")
     try:
         if cfg.format == 'pth':
