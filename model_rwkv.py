@@ -366,9 +366,9 @@ class RWKV(nn.Module):
             if self.training:
                 loss = L2Wrap.apply(loss, logits, n_tokens)
             if moe:  # this segment's share of the sample's load-balancing loss
-                self.last_moe_aux = self.moe_aux_loss()
-                loss = loss + self.config.moe_aux_coef * self.last_moe_aux * (idx.numel() / n_tokens)
-                self.last_moe_aux = self.last_moe_aux.detach()
+                aux = self.moe_aux_loss()
+                self.last_moe_aux = aux.detach()
+                loss = loss + self.config.moe_aux_coef * aux * (idx.numel() / n_tokens)
             return loss, new_state
         if targets is not None:
             logits = self.head(x)  # (B, T, V)

@@ -122,12 +122,6 @@ class QLinear(nn.Module):
         for name, t in tensors.items():  # buffers: they move with .to() and are in the state dict
             self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        # the kernel's operands: scales and offsets as float32 (fp16 values convert exactly), empty where unused
-        self._empty = torch.empty(0)
-
-    def operands(self):
-        f = lambda n: getattr(self, n).float() if hasattr(self, n) else self._empty  # noqa: E731
-        return self.q, f('d'), f('m'), self.qh if hasattr(self, 'qh') else self._empty
 
     def forward(self, x):
         if self.training:
@@ -137,16 +131,20 @@ class QLinear(nn.Module):
             raise RuntimeError("quantized inference runs on the CPU: move the model and inputs with .to('cpu')")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        q, d, m, qh = self._cached()
-        y = kernel().qlinear(x2, FMT_ID[self.fmt], q, d, m, qh)
+        y = kernel().qlinear(x2, FMT_ID[self.fmt], *self.operands())
         if self.bias is not None:
             y += self.bias
         return y.view(*lead, self.out_features).to(x.dtype)
 
-    def _cached(self):
-        # the float32 copies of fp16 scales are made once (they are 1/32 of the weights' elements)
-        if getattr(self, '_ops', None) is None or self._ops[0] is not self.q:
-            self._ops = self.operands()
+    def operands(self):
+        """(q, d, m, qh) as the kernel takes them: scales and offsets in float32 (ggml's fp16 values convert exactly),
+        empty tensors where a format has none. Converted once, and again only if a buffer changed (load_state_dict
+        writes in place: the version counter moves)."""
+        key = tuple((t.data_ptr(), t._version) for t in self.buffers())
+        if getattr(self, '_key', None) != key:
+            get = lambda n, f: f(getattr(self, n)) if hasattr(self, n) else torch.empty(0)  # noqa: E731
+            self._ops = (self.q, get('d', torch.Tensor.float), get('m', torch.Tensor.float), get('qh', lambda t: t))
+            self._key = key
         return self._ops
 
     def extra_repr(self):

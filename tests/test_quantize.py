@@ -144,6 +144,16 @@ def test_quantized_model_modes_agree_and_equal_dequantized_float(fmt, model_type
     assert (torch.stack(steps, 1) - whole).abs().max() / scale <= 1e-4  # step = prefill, the target
 
 
+def test_qlinear_sees_buffers_loaded_after_a_forward():
+    g = torch.Generator().manual_seed(9)
+    W1, W2, x = torch.randn(8, 64, generator=g), torch.randn(8, 64, generator=g), torch.randn(2, 64, generator=g)
+    a = QLinear('q5_1', 64, 8, quantize(W1, 'q5_1')).eval()
+    b = QLinear('q5_1', 64, 8, quantize(W2, 'q5_1')).eval()
+    before = a(x)  # converts its fp16 scales once and keeps them
+    a.load_state_dict(b.state_dict())  # in place
+    assert torch.equal(a(x), b(x)) and not torch.equal(a(x), before)
+
+
 def test_quantized_model_refuses_training():
     model = tiny_rwkv(dtype=torch.float32, n_embd=32).quantize_('int8')
     idx = torch.zeros(1, 4, dtype=torch.long)
