@@ -83,7 +83,12 @@ class CausalSelfAttention(nn.Module):
                 if self.window:
                     mask &= delta < self.window
             y = self.attend(q, keys, values, mask, dropout)  # (B, nh, T, hs)
-            new_cache = self.update_cache(cache, k, v, past + T) if use_cache else None
+            if not use_cache:
+                new_cache = None
+            elif not self.window:  # keys, values: the cache and x's, joined above already
+                new_cache = KVCache(keys, values, past + T)
+            else:
+                new_cache = self.update_cache(cache, k, v, past + T)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y)), new_cache
 
@@ -108,11 +113,9 @@ class CausalSelfAttention(nn.Module):
         return cache.pos - 1 - torch.remainder(cache.pos - 1 - j, self.window)
 
     def update_cache(self, cache, k, v, pos):
-        """The cache after appending k, v (B, n_kv, T, hs), whose last position is pos - 1. Out of place: an earlier
-        state stays valid (generation can branch from it)."""
+        """The cache (None: empty) after appending k, v (B, n_kv, T, hs), whose last position is pos - 1. Out of place:
+        an earlier state stays valid (generation can branch from it)."""
         if not self.window:
-            if cache is None:
-                return KVCache(k, v, pos)
             return KVCache(torch.cat([cache.k, k.to(cache.k.dtype)], 2), torch.cat([cache.v, v.to(cache.v.dtype)], 2),
                            pos)
         B, n_kv, T, hs = k.shape

@@ -53,8 +53,9 @@ class MoE(nn.Module):
         flat = chosen.flatten()  # (N * k,)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=E)
-        rows = (order // k).split(counts.tolist())  # per expert: the tokens routed to it
-        gates = weights.flatten()[order].split(counts.tolist())
+        sizes = counts.tolist()
+        rows = (order // k).split(sizes)  # per expert: the tokens routed to it
+        gates = weights.flatten()[order].split(sizes)
         out = x.new_zeros(x.shape)
         for expert, r, g in zip(self.experts, rows, gates):
             # an expert with no tokens still runs (on 0 rows): its weights get a zero gradient, so DDP and FSDP see

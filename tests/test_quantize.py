@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import one_line_error, run, tiny_gpt, tiny_rwkv
+from helpers import args, one_line_error, run, tiny_gpt, tiny_rwkv
 from model_gpt import GPT
 from model_rwkv import RWKV
 from quantize import FORMATS, QLinear, dequantize, quantize
@@ -171,7 +171,6 @@ def test_quantized_model_refuses_training():
 
 
 def test_export_load_sample_and_refusals(dataset, tmp_path):
-    from helpers import args
     r = run('train.py', *args('rwkv', dataset, tmp_path / 'o', 4, '--n_embd=64'))
     assert r.returncode == 0, r.stderr
     from checkpoint import load_latest_checkpoint, load_pretrained, model_from_checkpoint
