@@ -1,7 +1,6 @@
 """
 The WKV operator of RWKV-5 and RWKV-6 (matrix-valued state per head), in pure PyTorch: a per-token reference loop
-and an exact chunked form for training and prefill. A first building block of RWKV-5/6 in this repository (the models
-that use it are not here yet).
+and an exact chunked form for training and prefill (model_rwkv.py's versions 5, 5.1 and 6).
 
 Per head, with head size N, key/receptance/decay channels i and value channels j (RWKV-LM RWKV-v5/src/model.py
 RWKV_Tmix_x052 / x060 and their CUDA kernels; the rwkv pip package's state layout (H, K, V)):
@@ -68,10 +67,10 @@ def wkv5_chunked(r, k, v, logw, u, state=None, chunk_len=16):
     r_in = r * torch.exp(e)  # (B, H, n, L, K): the incoming state decayed to token t
     k_out = k * torch.exp(c[:, :, :, -1:] - c)  # (B, H, n, L, K): token s decayed to the chunk's end
     decay = torch.exp(c[:, :, :, -1])  # (B, H, n, K): the whole chunk's decay
-    ys = []
-    for j in range(n):
-        ys.append(r_in[:, :, j] @ S)  # (B, H, L, V)
-        S = decay[:, :, j, :, None] * S + k_out[:, :, j].transpose(-1, -2) @ v[:, :, j]
+    ys = []  # unbind, not [:, :, j]: backward stacks the chunks' gradients once instead of filling n full tensors
+    for r_j, k_j, v_j, d_j in zip(r_in.unbind(2), k_out.unbind(2), v.unbind(2), decay.unbind(2)):
+        ys.append(r_j @ S)  # (B, H, L, V)
+        S = d_j[..., None] * S + k_j.transpose(-1, -2) @ v_j
     y = y + torch.stack(ys, dim=2)  # (B, H, n, L, V)
     y = y.permute(0, 2, 3, 1, 4).reshape(B, n * L, H, N)[:, :T]  # (B, T, H, N)
     return y.to(dtype), S
