@@ -1,22 +1,32 @@
 """
-RWKV-4 language model in one file, the same network as BlinkDL's RWKV-LM `RWKV-v4neo/src/model.py`
-(emb -> ln0 -> [x + TimeMix(ln1(x)), x + ChannelMix(ln2(x))] x n_layer -> ln_out -> head), with its initialisation
-(`generate_init_weight`) and the L2Wrap loss trick. Parameter names match RWKV-LM's checkpoints.
+RWKV language models in one file, versions 4, 5, 6 and 7 of BlinkDL's RWKV-LM with its parameter names
+(emb -> ln0 -> [x + TimeMix(ln1(x)), x + ChannelMix(ln2(x))] x n_layer -> ln_out -> head), its initialisation
+(`generate_init_weight`) and the L2Wrap loss trick. `RWKVConfig.version` picks the time mix and channel mix:
+- 4: RWKV-v4neo/src/model.py (the WKV op of wkv_cuda/, a weighted average with one decay per channel);
+- 5 (5.2, x052) and 5.1 (x051a, MicroRWKV's model: one decay per head): RWKV-v5/src/model.py RWKV_Tmix_x052, a
+  matrix-valued state per head with a constant decay, a SiLU gate and a GroupNorm ln_x;
+- 6 (x060): RWKV-v5/src/model.py RWKV_Tmix_x060, v5.2 plus data-dependent token shift (a LoRA "ddlerp") and decay;
+- 7 (x070): RWKV-v7/train_temp/src/model.py RWKV_Tmix_x070, the generalized delta rule, a value residual to layer 0's
+  value and a receptance-free channel mix.
+Versions 5 to 7 run the pure-PyTorch ops of wkv_cuda/wkv5.py and wkv7.py: chunked in parallel mode, the per-token
+recurrence in RNN mode.
 
 Two ways to run the same weights:
 - parallel mode, `forward(idx, targets)` / `prefill(idx, state)`: a whole chunk at once, the WKV op over time;
 - RNN mode, `step(token, state)`: one token, constant memory, the recurrence of RWKV-v4neo/src/model_run.py.
-Both carry a `State`: per layer the last input of time mix and of channel mix (token shift) and the WKV sums.
+Both carry the RNN state: per layer the last input of time mix and of channel mix (token shift) and the WKV sums
+(`State`, RWKV-4) or the per-head matrix (`MatrixState`, RWKV-5/6/7).
 
 Options of MicroRWKV, done so that every mode stays exact and causal (defaults off: the model is RWKV-4 exactly):
 - dropout, where RWKV-LM puts it (on the residual stream after each time mix and channel mix);
-- a top-k mixture-of-experts channel mix (moe.py): the experts share their layer's token shift;
-- hybrid layers: the time mix of the blocks in attn_layers is causal softmax attention (attention.py: optional
+- a top-k mixture-of-experts channel mix (moe.py; RWKV-4): the experts share their layer's token shift;
+- hybrid layers (RWKV-4): the time mix of the blocks in attn_layers is causal softmax attention (attention.py: optional
   sliding window and grouped-query attention); in RNN mode such a layer carries a KV cache (a ring buffer of
   attn_window entries when windowed) beside the RWKV state, in a HybridState.
 
-References: Peng et al. 2023, "RWKV: Reinventing RNNs for the Transformer Era" (arXiv:2305.13048);
-https://github.com/BlinkDL/RWKV-LM (RWKV-v4neo).
+References: Peng et al. 2023, "RWKV: Reinventing RNNs for the Transformer Era" (arXiv:2305.13048); Peng et al. 2024,
+"Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence" (arXiv:2404.05892); Peng et al. 2025,
+"RWKV-7 Goose with Expressive Dynamic State Evolution" (arXiv:2503.14456); https://github.com/BlinkDL/RWKV-LM.
 """
 import json
 import math
@@ -35,6 +45,8 @@ from checkpoint import hub_or_local, load_hf_directory, load_state_checked
 from moe import MoE, check_moe
 from sampling import generate_tokens
 from wkv_cuda import BACKENDS, initial_state, wkv, wkv_step
+from wkv_cuda.wkv5 import wkv5_chunked, wkv5_loop
+from wkv_cuda.wkv7 import wkv7_chunked, wkv7_loop
 
 
 class L2Wrap(torch.autograd.Function):
@@ -108,6 +120,222 @@ class TimeMix(nn.Module):
         return self.output(torch.sigmoid(r) * y.to(x.dtype)), (aa, bb, pp)
 
 
+def token_shift(x, x_prev):
+    """x (B, T, C) delayed by one token, x_prev (B, C) in front: each position sees the one before it."""
+    return torch.cat([x_prev.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # (B, T, C)
+
+
+def at_least_fp32(x):
+    """x in fp32, or fp64 for a fp64 model: the decays and the state never run in bf16/fp16 (RWKV-LM keeps w fp32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def ortho(rows, cols, scale):
+    """An orthogonal (rows, cols) matrix of gain scale * sqrt(rows / cols) when tall: RWKV-v7/train_temp/src/model.py
+    ortho_init."""
+    w = torch.empty(rows, cols)
+    nn.init.orthogonal_(w, gain=scale * (math.sqrt(rows / cols) if rows > cols else 1.0))
+    return w
+
+
+class TimeMix5(nn.Module):
+    """RWKV-5 time mix. version 5 (5.2): RWKV-v5/src/model.py RWKV_Tmix_x052, a decay and bonus per channel;
+    version 5.1: MicroRWKV's x051a (BlinkDL/nanoRWKV model.py RWKV_TimeMix_x051a), one decay and bonus per head and
+    the token shift written x + (x_prev - x) * time_maa (= RWKV-LM's time_mix form with time_maa = 1 - time_mix)."""
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        C, N = config.n_embd, config.head_size
+        H = C // N
+        self.n_head = H
+        ratio_0_to_1 = layer_id / max(config.n_layer - 1, 1)
+        ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer
+        ramp = channel_ramp(C)  # (1, 1, C)
+        mix_k = ramp ** ratio_1_to_almost0
+        mix_v = ramp ** ratio_1_to_almost0 + 0.3 * ratio_0_to_1
+        mix_r = ramp ** (0.5 * ratio_1_to_almost0)
+        if config.version == 5.1:  # x051a
+            self.time_maa_k, self.time_maa_v = nn.Parameter(1 - mix_k), nn.Parameter(1 - mix_v)
+            self.time_maa_r, self.time_maa_g = nn.Parameter(1 - mix_r), nn.Parameter(1 - mix_r.clone())
+            h = torch.arange(H, dtype=torch.float32) / max(H - 1, 1)
+            self.time_decay = nn.Parameter((-6 + 5 * h ** (0.7 + 1.3 * ratio_0_to_1)).view(H, 1))
+            self.time_faaaa = nn.Parameter((ratio_0_to_1 * (1 - h)).view(H, 1))
+        else:  # x052
+            self.time_mix_k, self.time_mix_v = nn.Parameter(mix_k), nn.Parameter(mix_v)
+            self.time_mix_r, self.time_mix_g = nn.Parameter(mix_r), nn.Parameter(mix_r.clone())
+            n = torch.arange(C, dtype=torch.float32)
+            self.time_decay = nn.Parameter((-6 + 5 * (n / max(C - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1)).view(H, N))
+            zigzag = ((n + 1) % 3 - 1) * 0.1
+            self.time_faaaa = nn.Parameter((ratio_0_to_1 * (1 - n / max(C - 1, 1)) + zigzag).view(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.gate = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        # RWKV-LM divides x by head_size_divisor 8 before GroupNorm(eps=1e-5): the same as eps = 64e-5 on x (the rwkv
+        # pip package's form)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def forward(self, x, x_prev, S, op=wkv5_chunked):
+        # x (B, T, C); x_prev (B, C) the input before x[:, 0]; S (B, H, K, V) the state before x
+        B, T, C = x.shape
+        H, N = self.n_head, C // self.n_head
+        xx = token_shift(x, x_prev)
+        if hasattr(self, 'time_maa_k'):
+            xk, xv, xr, xg = (torch.lerp(x, xx, m) for m in (self.time_maa_k, self.time_maa_v, self.time_maa_r,
+                                                                 self.time_maa_g))
+        else:
+            xk, xv, xr, xg = (torch.lerp(xx, x, m) for m in (self.time_mix_k, self.time_mix_v, self.time_mix_r,
+                                                                 self.time_mix_g))
+        r, k, v = (f(z).view(B, T, H, N) for f, z in ((self.receptance, xr), (self.key, xk), (self.value, xv)))
+        g = F.silu(self.gate(xg))
+        logw = -torch.exp(at_least_fp32(self.time_decay)).expand(H, N).expand(B, T, H, N)  # w = exp(-exp(decay))
+        y, S = op(r, k, v, logw, self.time_faaaa.expand(H, N), S)  # y (B, T, H, N)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        return self.output(y * g), S
+
+    def step(self, x, x_prev, S):
+        y, S = self(x[:, None], x_prev, S, op=wkv5_loop)  # the recurrence, one token
+        return y[:, 0], S
+
+
+class TimeMix6(nn.Module):
+    """RWKV-6 time mix, RWKV-v5/src/model.py RWKV_Tmix_x060: RWKV-5.2 with a data-dependent token shift (each of
+    w, k, v, r, g mixes x and x_prev by time_maa_* plus a LoRA of the input: "ddlerp") and a data-dependent decay."""
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        C, N = config.n_embd, config.head_size
+        H = C // N
+        self.n_head = H
+        ratio_0_to_1 = layer_id / max(config.n_layer - 1, 1)
+        ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer
+        ramp = channel_ramp(C)  # (1, 1, C)
+        self.time_maa_x = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)
+        self.time_maa_w = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)
+        self.time_maa_k = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)
+        self.time_maa_v = nn.Parameter(1.0 - (ramp ** ratio_1_to_almost0 + 0.3 * ratio_0_to_1))
+        self.time_maa_r = nn.Parameter(1.0 - ramp ** (0.5 * ratio_1_to_almost0))
+        self.time_maa_g = nn.Parameter(1.0 - ramp ** (0.5 * ratio_1_to_almost0))
+        d_mix, d_decay = config.lora_dims  # RWKV-LM: 32 and 64
+        self.time_maa_w1 = nn.Parameter(torch.zeros(C, d_mix * 5))
+        self.time_maa_w2 = nn.Parameter(torch.zeros(5, d_mix, C).uniform_(-0.01, 0.01))
+        n = torch.arange(C, dtype=torch.float32)
+        decay_speed = -6 + 5 * (n / max(C - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1)
+        self.time_decay = nn.Parameter(decay_speed.view(1, 1, C))
+        self.time_decay_w1 = nn.Parameter(torch.zeros(C, d_decay))
+        self.time_decay_w2 = nn.Parameter(torch.zeros(d_decay, C).uniform_(-0.01, 0.01))
+        zigzag = ((n + 1) % 3 - 1) * 0.1
+        self.time_faaaa = nn.Parameter((ratio_0_to_1 * (1 - n / max(C - 1, 1)) + zigzag).view(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.gate = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def forward(self, x, x_prev, S, op=wkv5_chunked):
+        # x (B, T, C); x_prev (B, C); S (B, H, K, V)
+        B, T, C = x.shape
+        H, N = self.n_head, C // self.n_head
+        xx = token_shift(x, x_prev) - x
+        xxx = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1)  # (B, T, 5 * d_mix)
+        xxx = xxx.view(B * T, 5, -1).transpose(0, 1) @ self.time_maa_w2  # (5, B*T, C): one LoRA per w, k, v, r, g
+        mw, mk, mv, mr, mg = xxx.view(5, B, T, C).unbind(0)
+        xw, xk = x + xx * (self.time_maa_w + mw), x + xx * (self.time_maa_k + mk)
+        xv, xr = x + xx * (self.time_maa_v + mv), x + xx * (self.time_maa_r + mr)
+        xg = x + xx * (self.time_maa_g + mg)
+        r, k, v = (f(z).view(B, T, H, N) for f, z in ((self.receptance, xr), (self.key, xk), (self.value, xv)))
+        g = F.silu(self.gate(xg))
+        w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2  # (B, T, C)
+        logw = -torch.exp(at_least_fp32(w)).view(B, T, H, N)  # w_t = exp(-exp(w)), per token
+        y, S = op(r, k, v, logw, self.time_faaaa, S)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        return self.output(y * g), S
+
+    def step(self, x, x_prev, S):
+        y, S = self(x[:, None], x_prev, S, op=wkv5_loop)
+        return y[:, 0], S
+
+
+class TimeMix7(nn.Module):
+    """RWKV-7 time mix, RWKV-v7/train_temp/src/model.py RWKV_Tmix_x070 (its "slow pytorch version" lines): the
+    generalized delta rule (wkv_cuda/wkv7.py) with decay exp(-e^-0.5 sigmoid(.)), in-context learning rate a, the
+    L2-normalised removal key kk, the value residual to layer 0's value (v_first) and the r_k bonus."""
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        C, N = config.n_embd, config.head_size
+        H = C // N
+        self.n_head, self.layer_id = H, layer_id
+        ratio_0_to_1 = layer_id / max(config.n_layer - 1, 1)
+        ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer
+        ramp = channel_ramp(C)  # (1, 1, C)
+        self.x_r = nn.Parameter(1.0 - ramp ** (0.2 * ratio_1_to_almost0))
+        self.x_w = nn.Parameter(1.0 - ramp ** (0.9 * ratio_1_to_almost0))
+        self.x_k = nn.Parameter(1.0 - ramp ** (0.7 * ratio_1_to_almost0))
+        self.x_v = nn.Parameter(1.0 - ramp ** (0.7 * ratio_1_to_almost0))
+        self.x_a = nn.Parameter(1.0 - ramp ** (0.9 * ratio_1_to_almost0))
+        self.x_g = nn.Parameter(1.0 - ramp ** (0.2 * ratio_1_to_almost0))
+        n = torch.arange(C, dtype=torch.float32)
+        linear = n / max(C - 1, 1) - 0.5
+        half = max(N - 1, 1) / 2
+        zigzag = ((n % N) - half) / half
+        zigzag = zigzag * zigzag.abs()
+        www = -6 + 6 * (n / max(C - 1, 1)) ** (1 + ratio_0_to_1 ** 0.3)
+        d_decay, d_a, d_v, d_gate = config.lora_dims
+        self.w0 = nn.Parameter((www + 0.5 + zigzag * 2.5).view(1, 1, C))
+        self.w1 = nn.Parameter(torch.zeros(C, d_decay))
+        self.w2 = nn.Parameter(ortho(d_decay, C, 0.1))
+        self.a0 = nn.Parameter((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
+        self.a1 = nn.Parameter(torch.zeros(C, d_a))
+        self.a2 = nn.Parameter(ortho(d_a, C, 0.1))
+        if layer_id > 0:  # RWKV-LM creates these in layer 0 too, unused there; save_pth writes them for the key set
+            self.v0 = nn.Parameter((0.73 - linear * 0.4).view(1, 1, C))
+            self.v1 = nn.Parameter(torch.zeros(C, d_v))
+            self.v2 = nn.Parameter(ortho(d_v, C, 0.1))
+        self.g1 = nn.Parameter(torch.zeros(C, d_gate))
+        self.g2 = nn.Parameter(ortho(d_gate, C, 0.1))
+        self.k_k = nn.Parameter((0.71 - linear * 0.1).view(1, 1, C))
+        self.k_a = nn.Parameter(torch.full((1, 1, C), 1.02))
+        self.r_k = nn.Parameter(torch.full((H, N), -0.04))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def forward(self, x, x_prev, S, v_first, op=wkv7_chunked):
+        # x (B, T, C); x_prev (B, C); S (B, H, V, K); v_first (B, T, C) layer 0's value (None in layer 0)
+        B, T, C = x.shape
+        H, N = self.n_head, C // self.n_head
+        xx = token_shift(x, x_prev) - x
+        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        r = self.receptance(xr)
+        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
+        k = self.key(xk)
+        v = self.value(xv)
+        if self.layer_id == 0:
+            v_first = v
+        else:  # value residual: mix in layer 0's value, by a data-dependent gate
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate, (B, T, C)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)  # (B, T, H, N)
+        k = k * (1 + (a - 1) * self.k_a)
+        # decay exp(-e^-0.5 sigmoid(w)): RWKV-LM's kernel takes w' = -softplus(-w) - 0.5 and uses exp(-exp(w'))
+        logw = -math.exp(-0.5) * torch.sigmoid(at_least_fp32(w))
+        r4, k4, v4 = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N)
+        y, S = op(r4, logw.view(B, T, H, N), k4, v4, -kk, kk * a.view(B, T, H, N), S)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        y = y + ((r4 * k4 * self.r_k).sum(-1, keepdim=True) * v4).view(B, T, C)  # the current token's bonus
+        return self.output(y * g), S, v_first
+
+    def step(self, x, x_prev, S, v_first):
+        y, S, v_first = self(x[:, None], x_prev, S, None if v_first is None else v_first[:, None], op=wkv7_loop)
+        return y[:, 0], S, v_first[:, 0]
+
+
 def squared_relu_mix(m, xk, xr):
     """RWKV-4's feed-forward on the token-mixed inputs, for a module m with key, receptance and value."""
     k = torch.square(torch.relu(m.key(xk)))  # squared ReLU
@@ -128,14 +356,20 @@ class Expert(nn.Module):
 
 
 class ChannelMix(nn.Module):
+    """RWKV-4/5/6 channel mix: squared-ReLU feed-forward gated by a receptance, on token-shifted inputs. Versions 4
+    and 5 mix as time_mix (RWKV-v4neo, RWKV_CMix_x052), 5.1 and 6 as time_maa = 1 - time_mix (x051a, RWKV_CMix_x060)."""
 
     def __init__(self, config, layer_id):
         super().__init__()
         C = config.n_embd
         ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer  # RWKV-v4neo RWKV_ChannelMix.__init__
         ramp = channel_ramp(C)
-        self.time_mix_k = nn.Parameter(ramp ** ratio_1_to_almost0)  # (1, 1, C)
-        self.time_mix_r = nn.Parameter(ramp ** ratio_1_to_almost0)
+        if config.version in (5.1, 6):
+            self.time_maa_k = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)  # (1, 1, C)
+            self.time_maa_r = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)
+        else:
+            self.time_mix_k = nn.Parameter(ramp ** ratio_1_to_almost0)  # (1, 1, C)
+            self.time_mix_r = nn.Parameter(ramp ** ratio_1_to_almost0)
         if config.moe_experts:  # experts in place of the three matrices, all reading this token shift
             self.moe = MoE(C, [Expert(C, config.dim_ffn) for _ in range(config.moe_experts)], config.moe_top_k)
         else:
@@ -143,23 +377,42 @@ class ChannelMix(nn.Module):
             self.receptance = nn.Linear(C, C, bias=False)
             self.value = nn.Linear(config.dim_ffn, C, bias=False)
 
-    def mix(self, x, xx, time_mix_k, time_mix_r):
-        xk, xr = torch.lerp(xx, x, time_mix_k), torch.lerp(xx, x, time_mix_r)
-        return self.moe(x, xk, xr) if hasattr(self, 'moe') else squared_relu_mix(self, xk, xr)
-
     def forward(self, x, x_prev):
         # parallel mode: x (B, T, C); x_prev (B, C) the input before x[:, 0]
-        xx = torch.cat([x_prev.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # token shift, (B, T, C)
-        return self.mix(x, xx, self.time_mix_k, self.time_mix_r)
+        xx = token_shift(x, x_prev)
+        if hasattr(self, 'time_maa_k'):
+            xk, xr = torch.lerp(x, xx, self.time_maa_k), torch.lerp(x, xx, self.time_maa_r)
+        else:
+            xk, xr = torch.lerp(xx, x, self.time_mix_k), torch.lerp(xx, x, self.time_mix_r)
+        return self.moe(x, xk, xr) if hasattr(self, 'moe') else squared_relu_mix(self, xk, xr)
 
     def step(self, x, x_prev):
         # RNN mode: x (B, C)
-        return self.mix(x, x_prev.to(x.dtype), self.time_mix_k[0], self.time_mix_r[0])
+        return self(x[:, None], x_prev)[:, 0]
+
+
+class ChannelMix7(nn.Module):
+    """RWKV-7 channel mix, RWKV-v7/train_temp/src/model.py RWKV_CMix_x070: squared ReLU, no receptance."""
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        C = config.n_embd
+        ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer
+        self.x_k = nn.Parameter(1.0 - channel_ramp(C) ** (ratio_1_to_almost0 ** 4))  # (1, 1, C)
+        self.key = nn.Linear(C, config.dim_ffn, bias=False)
+        self.value = nn.Linear(config.dim_ffn, C, bias=False)
+
+    def forward(self, x, x_prev):
+        k = x + (token_shift(x, x_prev) - x) * self.x_k
+        return self.value(torch.relu(self.key(k)) ** 2)
+
+    def step(self, x, x_prev):
+        return self(x[:, None], x_prev)[:, 0]
 
 
 class State(NamedTuple):
-    """The RNN state: what the model needs of the past, in fp32 (fp64 for a fp64 model) whatever the weights' dtype.
-    Each slot is (B, C) for one layer, or (n_layer, B, C) for the whole model (RWKV.initial_state)."""
+    """The RWKV-4 RNN state: what the model needs of the past, in fp32 (fp64 for a fp64 model) whatever the weights'
+    dtype. Each slot is (B, C) for one layer, or (n_layer, B, C) for the whole model (RWKV.initial_state)."""
     x_att: torch.Tensor  # time mix's last input (its token shift)
     aa: torch.Tensor  # WKV numerator sum, scaled by e^-pp
     bb: torch.Tensor  # WKV denominator sum, scaled by e^-pp
@@ -172,6 +425,22 @@ class State(NamedTuple):
     @staticmethod
     def stack(layers):
         return State(*(torch.stack(s) for s in zip(*layers)))
+
+
+class MatrixState(NamedTuple):
+    """The RWKV-5/6/7 RNN state, fp32 (fp64 for a fp64 model): x_att and x_ffn (B, C) as in State, and the per-head
+    matrix wkv (B, H, N, N), laid out as the rwkv pip package's: [key, value] in versions 5 and 6, [value, key] in 7.
+    With a leading n_layer dimension for the whole model."""
+    x_att: torch.Tensor
+    wkv: torch.Tensor
+    x_ffn: torch.Tensor
+
+    def layer(self, i):
+        return MatrixState(*(s[i] for s in self))
+
+    @staticmethod
+    def stack(layers):
+        return MatrixState(*(torch.stack(s) for s in zip(*layers)))
 
 
 class HybridState(NamedTuple):
@@ -190,50 +459,61 @@ class Block(nn.Module):
             self.ln0 = nn.LayerNorm(config.n_embd)  # RWKV-LM normalises the embedding inside block 0
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.ln2 = nn.LayerNorm(config.n_embd)
+        self.version = config.version
         self.attention = layer_id in config.attn_layers
         if self.attention:  # no bias, as every RWKV matrix
             self.att = CausalSelfAttention(config.n_embd, config.n_head, config.attn_kv_heads, config.attn_window)
         else:
-            self.att = TimeMix(config, layer_id)
-        self.ffn = ChannelMix(config, layer_id)
+            self.att = {4: TimeMix, 5: TimeMix5, 5.1: TimeMix5, 6: TimeMix6, 7: TimeMix7}[config.version](config,
+                                                                                                       layer_id)
+        self.ffn = (ChannelMix7 if config.version == 7 else ChannelMix)(config, layer_id)
         # RWKV-v4neo/src/model.py Block.forward: x = drop0(x + att(ln1(x))), x = drop1(x + ffn(ln2(x)))
         self.drop0 = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.drop1 = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
 
-    def forward(self, x, state, cache=None):
-        """Parallel mode: x (B, T, C) after `state` (this layer's, slots (B, C)) and, in an attention layer, its
-        KVCache. Returns x, the state after x and the cache after x (None in an RWKV layer)."""
+    def time_mix(self, xa, state, cache, v_first, step):
+        """The time mix of xa (B, T, C), or (B, C) with step: its output and this layer's state with the time-mix
+        slots moved on (the last input of xa included), the KV cache of an attention layer and RWKV-7's v_first."""
+        if self.attention:
+            dx, cache = self.att(xa[:, None] if step else xa, cache)
+            return (dx[:, 0] if step else dx), state, cache, v_first
+        last = xa if step else xa[:, -1]
+        if self.version == 4:
+            run = self.att.step if step else self.att
+            dx, (aa, bb, pp) = run(xa, state.x_att, (state.aa, state.bb, state.pp))
+            return dx, State(last.to(aa.dtype), aa, bb, pp, state.x_ffn), cache, v_first
+        run = self.att.step if step else self.att
+        if self.version == 7:
+            dx, wkv_state, v_first = run(xa, state.x_att, state.wkv, v_first)
+        else:
+            dx, wkv_state = run(xa, state.x_att, state.wkv)
+        return dx, MatrixState(last.to(wkv_state.dtype), wkv_state, state.x_ffn), cache, v_first
+
+    def forward(self, x, state, cache=None, v_first=None):
+        """Parallel mode: x (B, T, C) after `state` (this layer's, slots (B, ...)) and, in an attention layer, its
+        KVCache. Returns x, the state after x, the cache after x (None in an RWKV layer) and RWKV-7's v_first
+        (layer 0's value, (B, T, C), that later layers mix in; None in other versions)."""
         if hasattr(self, 'ln0'):  # block 0 normalises the embedding (RWKV-v4neo Block.forward)
             x = self.ln0(x)
-        xa = self.ln1(x)
-        if self.attention:
-            dx, cache = self.att(xa, cache)
-            x_att, aa, bb, pp = state.x_att, state.aa, state.bb, state.pp
-        else:
-            dx, (aa, bb, pp) = self.att(xa, state.x_att, (state.aa, state.bb, state.pp))
-            x_att = xa[:, -1].to(aa.dtype)
+        dx, state, cache, v_first = self.time_mix(self.ln1(x), state, cache, v_first, step=False)
         x = self.drop0(x + dx)
         xf = self.ln2(x)
         x = self.drop1(x + self.ffn(xf, state.x_ffn))
-        return x, State(x_att, aa, bb, pp, xf[:, -1].to(aa.dtype)), cache
+        return x, state._replace(x_ffn=xf[:, -1].to(state.x_ffn.dtype)), cache, v_first
 
-    def step(self, x, state, cache=None):
-        """RNN mode: x (B, C), one token after `state` (and the KVCache of an attention layer). Returns x and the
-        new state and cache."""
+    def step(self, x, state, cache=None, v_first=None):
+        """RNN mode: x (B, C), one token after `state` (and the KVCache of an attention layer). Returns x, the new
+        state and cache, and v_first (B, C) in RWKV-7."""
         if hasattr(self, 'ln0'):
             x = self.ln0(x)
-        xa = self.ln1(x)
-        if self.attention:
-            dx, cache = self.att(xa[:, None], cache)  # a sequence of one
-            dx = dx[:, 0]
-            x_att, aa, bb, pp = state.x_att, state.aa, state.bb, state.pp
-        else:
-            dx, (aa, bb, pp) = self.att.step(xa, state.x_att, (state.aa, state.bb, state.pp))
-            x_att = xa.to(aa.dtype)
+        dx, state, cache, v_first = self.time_mix(self.ln1(x), state, cache, v_first, step=True)
         x = x + dx
         xf = self.ln2(x)
         x = x + self.ffn.step(xf, state.x_ffn)
-        return x, State(x_att, aa, bb, pp, xf.to(aa.dtype)), cache
+        return x, state._replace(x_ffn=xf.to(state.x_ffn.dtype)), cache, v_first
+
+
+VERSIONS = (4, 5, 5.1, 6, 7)
 
 
 @dataclass
@@ -242,9 +522,12 @@ class RWKVConfig:
     vocab_size: int = 50277  # GPT-NeoX tokenizer, as the RWKV-4 Pile models
     n_layer: int = 12
     n_embd: int = 768
-    dim_ffn: int = 0  # 0 means 4 * n_embd (RWKV-4)
+    dim_ffn: int = 0  # 0 means RWKV-LM's: 4 * n_embd (versions 4 and 7), 3.5 * n_embd rounded down to 32 (5, 6)
     emb_init: float = 1e-4  # emb.weight ~ U(-emb_init, emb_init); RWKV-v4neo uses lr_init here, and so does train.py
-    wkv_backend: str = 'auto'  # 'auto' | 'cuda' | 'cpu' | 'torch'
+    version: float = 4  # 4 | 5 (5.2, x052) | 5.1 (x051a, MicroRWKV's) | 6 (x060) | 7 (x070)
+    head_size: int = 64  # versions 5-7: channels per head of the matrix-valued state (n_head = n_embd / head_size)
+    lora_dims: tuple = ()  # versions 6 (mix, decay) and 7 (decay, a, v, gate): LoRA widths; () = RWKV-LM's defaults
+    wkv_backend: str = 'auto'  # 'auto' | 'cuda' | 'cpu' | 'torch': the RWKV-4 WKV op (5-7 run wkv5.py / wkv7.py)
     rescale_every: int = 0  # > 0: weights rescaled for fp16 (RWKV.rescale_for_fp16), x halves every N layers
     dropout: float = 0.0  # RWKV-LM's: on the residual stream after each time mix and channel mix, in training
     moe_experts: int = 0  # > 0: each channel mix is a top-k mixture of this many experts (moe.py)
@@ -261,8 +544,27 @@ class RWKVConfig:
                 raise ValueError(f"{key}={getattr(self, key)} must be at least 1")
         if self.wkv_backend not in BACKENDS:
             raise ValueError(f"wkv_backend must be one of {', '.join(BACKENDS)}, got {self.wkv_backend!r}")
+        if self.version not in VERSIONS:
+            raise ValueError(f"version={self.version} must be one of {', '.join(map(str, VERSIONS))}")
+        if self.version > 4:
+            if self.head_size < 1 or self.n_embd % self.head_size:
+                raise ValueError(f"n_embd={self.n_embd} must be a multiple of head_size={self.head_size} (RWKV-"
+                                 f"{self.version}'s heads); set head_size to a divisor of n_embd")
+            if self.moe_experts or self.attn_layers:
+                raise ValueError("moe_experts and attn_layers are options of RWKV-4 (version=4) only")
+        if self.version == 6 and not self.lora_dims:
+            self.lora_dims = (32, 64)  # RWKV-v5/src/model.py RWKV_Tmix_x060: D_MIX_LORA, D_DECAY_LORA
+        if self.version == 7 and not self.lora_dims:  # RWKV-v7/train_temp/src/model.py: D_DECAY/AAA/MV/GATE_LORA
+            self.lora_dims = tuple(max(32, int(round(f * self.n_embd ** 0.5 / 32) * 32)) for f in (2.5, 2.5, 1.7, 5))
+        self.lora_dims = tuple(self.lora_dims)  # a checkpoint stores a list
+        want = {6: 2, 7: 4}.get(self.version, 0)
+        if len(self.lora_dims) != want or any(d < 1 for d in self.lora_dims):
+            raise ValueError(f"lora_dims={list(self.lora_dims)}: version {self.version} takes {want} positive widths")
         if self.dim_ffn == 0:
-            self.dim_ffn = 4 * self.n_embd
+            if self.version in (4, 7):
+                self.dim_ffn = 4 * self.n_embd
+            else:  # RWKV-v5/src/model.py: int((n_embd * 3.5) // 32 * 32), never 0 for a tiny model
+                self.dim_ffn = int(self.n_embd * 3.5) // 32 * 32 or int(self.n_embd * 3.5)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         check_moe(self.moe_experts, self.moe_top_k, self.moe_aux_coef)
@@ -295,6 +597,8 @@ class RWKV(nn.Module):
         # at gain 0.5, and the embedding is uniform and tiny. Our options follow the same rule: an expert's
         # receptance and value and an attention layer's output projection start at zero, the router and c_attn
         # orthogonal.
+        if self.config.version > 4:
+            return self._init_weights_matrix_state()
         zero = re.compile(r'\.(att\.(key|receptance|output|c_proj)|ffn\.(moe\.experts\.\d+\.)?(value|receptance))\.')
         for n, p in self.named_parameters():
             if p.dim() != 2:
@@ -307,6 +611,28 @@ class RWKV(nn.Module):
                 gain = math.sqrt(p.shape[0] / p.shape[1]) if p.shape[0] > p.shape[1] else 1.0
                 nn.init.orthogonal_(p, gain=gain * (0.5 if n == 'head.weight' else 1.0))
 
+    @torch.no_grad()
+    def _init_weights_matrix_state(self):
+        # RWKV-v5/src/model.py and RWKV-v7/train_temp/src/model.py generate_init_weight: what is not a '.weight'
+        # matrix keeps its constructor value (time_*, the LoRAs, v7's x_*, w0, a0, k_k, ...), except ln_x.weight =
+        # ((1 + layer) / n_layer)^0.7; the matrices are orthogonal of gain 1, att.key and att.gate 0.1, att.output,
+        # ffn.value and ffn.receptance zero, the head 0.5 sqrt(V / C) when V > C (else 0.5), and the embedding is
+        # U(-emb_init, emb_init) (RWKV-LM: 1e-4). In RWKV-7 this overwrites the constructor's uniform receptance, key,
+        # value and ffn.key.
+        V, C = self.config.vocab_size, self.config.n_embd
+        for n, p in self.named_parameters():
+            if n.endswith('ln_x.weight'):
+                p.fill_(((1 + int(n.split('.')[1])) / self.config.n_layer) ** 0.7)
+            elif n == 'emb.weight':
+                nn.init.uniform_(p, -self.config.emb_init, self.config.emb_init)
+            elif n == 'head.weight':
+                nn.init.orthogonal_(p, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
+            elif n.endswith('.weight') and p.dim() == 2:
+                if re.search(r'\.(att\.output|ffn\.value|ffn\.receptance)\.', n):
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.orthogonal_(p, gain=0.1 if re.search(r'\.att\.(key|gate)\.', n) else 1.0)
+
     def get_num_params(self, non_embedding=True):
         """Parameter count; the embedding is a lookup (no FLOPs) and is left out by default."""
         n = sum(p.numel() for p in self.parameters())
@@ -314,10 +640,14 @@ class RWKV(nn.Module):
 
     def initial_state(self, B, device=None):
         """The State of an empty history, slots (n_layer, B, C): pp = -1e38, the rest 0. A hybrid's is a
-        HybridState of that State and an empty KV cache per attention layer."""
+        HybridState of that State and an empty KV cache per attention layer. RWKV-5/6/7: a MatrixState of zeros."""
         device = device or self.emb.weight.device
         dtype = torch.promote_types(self.emb.weight.dtype, torch.float32)  # fp32, or fp64 for a fp64 model
         L, C = self.config.n_layer, self.config.n_embd
+        if self.config.version > 4:
+            N = self.config.head_size
+            zeros = torch.zeros(L, B, C, device=device, dtype=dtype)
+            return MatrixState(zeros, torch.zeros(L, B, C // N, N, N, device=device, dtype=dtype), zeros)
         aa, bb, pp = initial_state(B, C, device, dtype)
         zeros = torch.zeros(L, B, C, device=device, dtype=dtype)
         state = State(zeros, aa.expand(L, B, C), bb.expand(L, B, C), pp.expand(L, B, C), zeros)
@@ -328,24 +658,25 @@ class RWKV(nn.Module):
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
         rnn, caches = (state.rnn, iter(state.kv)) if self.config.attn_layers else (state, iter(()))
-        layers, new_caches = [], []
+        layers, new_caches, v_first = [], [], None
         r = self.config.rescale_every
         for i, block in enumerate(self.blocks):
             cache = next(caches) if block.attention else None
             if run == 'step':
-                x, s, cache = block.step(x, rnn.layer(i), cache)
+                x, s, cache, v_first = block.step(x, rnn.layer(i), cache, v_first)
             elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only the block's input; its activations are recomputed in backward (dropout too: the RNG
                 # state is replayed)
-                x, s, cache = torch.utils.checkpoint.checkpoint(block, x, rnn.layer(i), cache, use_reentrant=False)
+                x, s, cache, v_first = torch.utils.checkpoint.checkpoint(block, x, rnn.layer(i), cache, v_first,
+                                                                         use_reentrant=False)
             else:
-                x, s, cache = block(x, rnn.layer(i), cache)
+                x, s, cache, v_first = block(x, rnn.layer(i), cache, v_first)
             layers.append(s)
             if block.attention:
                 new_caches.append(cache)
             if r > 0 and (i + 1) % r == 0:
                 x = x / 2  # RWKV-v4neo/src/model_run.py RESCALE_LAYER: keeps fp16 activations in range
-        rnn = State.stack(layers)
+        rnn = type(rnn).stack(layers)
         return self.ln_out(x), (HybridState(rnn, tuple(new_caches)) if self.config.attn_layers else rnn)
 
     def moe_aux_loss(self):
@@ -463,14 +794,15 @@ class RWKV(nn.Module):
             state = {hf_to_ours[k]: v for k, v in hf_state.items()}
         else:
             state = load_official_pth(path)
-            n_layer = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))
-            V, C = state['emb.weight'].shape
-            config = RWKVConfig(vocab_size=V, n_layer=n_layer, n_embd=C,
-                                dim_ffn=state['blocks.0.ffn.key.weight'].shape[0],
-                                wkv_backend=wkv_backend)
+            config = RWKVConfig(wkv_backend=wkv_backend, **pth_config(state))
+            state = from_rwkv_lm(state, config.version)
         with torch.device('meta'):  # every tensor is loaded below: skip the (slow, for big models) init
             model = cls(config)
         model.to_empty(device='cpu')
+        own = model.state_dict()
+        # the rwkv pip package squeezes size-1 dimensions: take (C,) for a (1, 1, C) parameter, nothing else
+        state = {k: v.reshape(own[k].shape) if k in own and v.shape != own[k].shape and
+                 v.squeeze().shape == own[k].squeeze().shape else v for k, v in state.items()}
         load_state_checked(model, {k: v.float() for k, v in state.items()}, name_or_path)
         return model
 
@@ -478,6 +810,9 @@ class RWKV(nn.Module):
         """Write a Hugging Face format directory (config.json + model.safetensors) that transformers loads as
         RwkvForCausalLM."""
         from safetensors.torch import save_file
+        if self.config.version > 4:
+            raise ValueError(f"transformers has no class for RWKV-{self.config.version} (its RwkvForCausalLM is "
+                             f"RWKV-4): export the official .pth instead (save_pth, export.py --format=pth)")
         state = {hf_name(k): v for k, v in self.plain_state_dict().items()}
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -491,8 +826,10 @@ class RWKV(nn.Module):
         (directory / 'config.json').write_text(json.dumps(hf, indent=2))
 
     def save_pth(self, path):
-        """Write an official RWKV-4 .pth (RWKV-LM's names, fp32) that BlinkDL's code and the rwkv pip package load."""
-        torch.save(self.plain_state_dict(), path)
+        """Write an official .pth (RWKV-LM's names and key set, fp32) that BlinkDL's code and the rwkv pip package
+        load. Version 5.1 is written in the layout the rwkv pip package reads as v5.1 (time_mix = 1 - time_maa);
+        RWKV-7's layer 0 carries the v0/v1/v2 that RWKV-LM creates there and never uses (at their init values)."""
+        torch.save(to_rwkv_lm(self.plain_state_dict(), self.config), path)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lr_scale=True):
         """AdamW; weight decay only on the weight matrices (not LayerNorms nor the time_* vectors, whose time_mix
@@ -573,14 +910,84 @@ def hf_name(name):
 
 
 def load_official_pth(path):
-    """The tensors of a BlinkDL RWKV-4 .pth, loaded without running pickled code; anything else is an error."""
+    """The tensors of a BlinkDL RWKV .pth, loaded without running pickled code; anything else is an error."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises several types for foreign or corrupt files
         raise ValueError(f"{path} is not a readable .pth checkpoint ({type(e).__name__})") from e
-    if not isinstance(state, dict) or 'emb.weight' not in state or 'blocks.0.att.time_first' not in state:
-        raise ValueError(f"{path} is not an RWKV checkpoint (no emb.weight / blocks.0.att.time_first)")
-    if any(k.endswith(('ln_x.weight', 'time_faaaa', 'time_maa_x', 'gate.weight')) for k in state) or \
-            state['blocks.0.att.time_decay'].dim() != 1:
-        raise ValueError(f"{path} is a later RWKV version (5/6/7), not RWKV-4")
+    if not isinstance(state, dict) or 'emb.weight' not in state or 'blocks.0.ln1.weight' not in state:
+        raise ValueError(f"{path} is not an RWKV checkpoint (no emb.weight / blocks.0.ln1.weight)")
     return state
+
+
+def pth_version(state):
+    """The RWKV-LM version of a .pth, told apart by its keys and shapes as the rwkv pip package does."""
+    if 'blocks.0.att.r_k' in state:
+        return 7
+    if 'blocks.0.att.time_maa_x' in state:
+        return 6
+    if 'blocks.0.att.ln_x.weight' in state:
+        if 'blocks.0.att.gate.weight' not in state:
+            raise ValueError("this .pth is RWKV-5.0 (no gate), which nanoRWKV does not run; RWKV-4, 5.1, 5.2, 6 and "
+                             "7 it does")
+        decay = state['blocks.0.att.time_decay']
+        return 5 if decay.dim() > 1 and decay.shape[1] > 1 else 5.1  # a decay per channel (5.2) or per head (5.1)
+    return 4
+
+
+def pth_config(state):
+    """RWKVConfig arguments read off an RWKV-LM state dict (any version): sizes from the tensors' shapes."""
+    version = pth_version(state)
+    V, C = state['emb.weight'].shape
+    args = dict(version=version, vocab_size=V, n_embd=C, dim_ffn=state['blocks.0.ffn.key.weight'].shape[0],
+                n_layer=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')))
+    att = {k[len('blocks.0.att.'):]: v for k, v in state.items() if k.startswith('blocks.0.att.')}
+    if version == 7:
+        v1 = state.get('blocks.1.att.v1', att.get('v1'))
+        args.update(head_size=att['r_k'].shape[-1], lora_dims=(att['w1'].shape[1], att['a1'].shape[1],
+                                                                v1.shape[1], att['g1'].shape[1]))
+    elif version == 6:
+        args.update(head_size=att['time_faaaa'].shape[-1],
+                    lora_dims=(att['time_maa_w1'].shape[1] // 5, att['time_decay_w1'].shape[1]))
+    elif version == 5:
+        args.update(head_size=att['time_decay'].shape[1])
+    elif version == 5.1:
+        args.update(head_size=C // att['time_decay'].shape[0])
+    return args
+
+
+MIX_51 = re.compile(r'\.(att\.time_m(ix|aa)_[kvrg]|ffn\.time_m(ix|aa)_[kr])$')
+
+
+def from_rwkv_lm(state, version):
+    """An RWKV-LM state dict in our names: 5.1's time_mix become x051a's time_maa = 1 - time_mix, a per-head decay
+    and bonus get their (H, 1) shape, RWKV-7's unused layer-0 v0/v1/v2 are dropped, and an old RWKV-5/6 file's
+    time_first (u = exp(time_first), the rwkv pip package reads it so) becomes time_faaaa."""
+    out = {}
+    for k, v in state.items():
+        if version == 7 and re.fullmatch(r'blocks\.0\.att\.v[012]', k):
+            continue
+        if version == 5.1 and MIX_51.search(k) and '.time_mix_' in k:
+            k, v = k.replace('.time_mix_', '.time_maa_'), 1 - v.float()
+        if version > 4 and k.endswith('.time_first'):
+            k, v = k[:-len('time_first')] + 'time_faaaa', torch.exp(v.float())
+        if version == 5.1 and k.endswith(('.time_decay', '.time_faaaa')):
+            v = v.reshape(-1, 1)
+        out[k] = v
+    return out
+
+
+def to_rwkv_lm(state, config):
+    """Our plain state dict as RWKV-LM's .pth: from_rwkv_lm's inverse."""
+    out = {}
+    for k, v in state.items():
+        if config.version == 5.1 and MIX_51.search(k):
+            k, v = k.replace('.time_maa_', '.time_mix_'), 1 - v
+        out[k] = v
+    if config.version == 7:  # RWKV_Tmix_x070 layer 0's v0 / v1 / v2 at their constructor values (v2: zeros)
+        C = config.n_embd
+        linear = torch.arange(C, dtype=torch.float32) / max(C - 1, 1) - 0.5
+        d_v = config.lora_dims[2]
+        out.update({'blocks.0.att.v0': (0.73 - linear * 0.4).view(1, 1, C), 'blocks.0.att.v1': torch.zeros(C, d_v),
+                    'blocks.0.att.v2': torch.zeros(d_v, C)})
+    return out
