@@ -238,7 +238,9 @@ def data_fingerprint(path):
 
 ATTN_MOE_KEYS = ('attn_window', 'attn_kv_heads', 'moe_experts', 'moe_top_k')
 ARCH_KEYS = {'gpt': ('n_layer', 'n_embd', 'n_head', 'block_size', 'bias') + ATTN_MOE_KEYS,
-             'rwkv': ('n_layer', 'n_embd', 'block_size', 'attn_layers', 'n_head') + ATTN_MOE_KEYS}
+             'rwkv': ('n_layer', 'n_embd', 'block_size', 'attn_layers', 'n_head', 'rwkv_version', 'head_size')
+             + ATTN_MOE_KEYS}
+CONFIG_NAMES = {'rwkv_version': 'version'}  # train.py key -> config field, where they differ
 
 
 def check_resume(cfg, given, ckpt, path, train_bin):
@@ -252,7 +254,7 @@ def check_resume(cfg, given, ckpt, path, train_bin):
     cfg.model_type = kind
     config = model_config(kind, ckpt['model_args'])  # a checkpoint from before an option has its default
     for key in ARCH_KEYS[kind]:
-        theirs = getattr(config, key)
+        theirs = getattr(config, CONFIG_NAMES.get(key, key))
         theirs = list(theirs) if isinstance(theirs, tuple) else theirs  # attn_layers: a list in train.py
         if getattr(cfg, key) != theirs and key in given:
             raise ConfigError(f"{path} was trained with {key}={theirs!r} but this run has {key}={getattr(cfg, key)!r}; "

@@ -832,23 +832,24 @@ class RWKV(nn.Module):
         torch.save(to_rwkv_lm(self.plain_state_dict(), self.config), path)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lr_scale=True):
-        """AdamW; weight decay only on the weight matrices (not LayerNorms nor the time_* vectors, whose time_mix
-        are stored (1, 1, C) as in RWKV-LM). With lr_scale, RWKV-v4neo's layerwise_lr: time_decay at 2x and
-        time_first at 3x the learning rate. train.py's schedule multiplies each group's lr by its 'lr_scale'."""
-        groups = {'decay': [], 'no_decay': [], 'time_decay': [], 'time_first': []}
+        """AdamW; weight decay only on the 2-D '.weight' matrices (not LayerNorms, the time_* vectors, the LoRAs nor
+        RWKV-7's w0, a0, ...). With lr_scale, RWKV-LM's layerwise_lr: time_decay (RWKV-4/5/6) and RWKV-7's w0 at 2x,
+        RWKV-4's time_first at 3x the learning rate (RWKV-v4neo, RWKV-v5 and RWKV-v7/train_temp src/model.py
+        configure_optimizers). train.py's schedule multiplies each group's lr by its 'lr_scale'."""
+        groups = {'decay': [], 'no_decay': [], 'lr_2x': [], 'lr_3x': []}
         for n, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if lr_scale and n.endswith('time_decay'):
-                groups['time_decay'].append(p)
+            if lr_scale and (n.endswith('time_decay') or n.endswith('att.w0')):
+                groups['lr_2x'].append(p)
             elif lr_scale and n.endswith('time_first'):
-                groups['time_first'].append(p)
-            elif p.dim() == 2:
+                groups['lr_3x'].append(p)
+            elif p.dim() == 2 and n.endswith('.weight'):
                 groups['decay'].append(p)
             else:
                 groups['no_decay'].append(p)
-        scale_and_decay = {'decay': (1.0, weight_decay), 'no_decay': (1.0, 0.0),
-                           'time_decay': (2.0, 0.0), 'time_first': (3.0, 0.0)}
+        scale_and_decay = {'decay': (1.0, weight_decay), 'no_decay': (1.0, 0.0), 'lr_2x': (2.0, 0.0),
+                           'lr_3x': (3.0, 0.0)}
         optim_groups = [{'params': ps, 'weight_decay': scale_and_decay[g][1], 'lr_scale': scale_and_decay[g][0]}
                         for g, ps in groups.items() if ps]
         fused = device_type == 'cuda'
@@ -856,14 +857,16 @@ class RWKV(nn.Module):
 
     def flops_per_token(self):
         """Training FLOPs per token: every weight matrix a token uses is used once in a matmul, 2 FLOPs per weight
-        forward and 4 backward, hence 6 * (matrix params); an MoE layer's experts count top_k / moe_experts (a token
-        visits top_k of them). The embedding is a lookup. The WKV recurrence and the other elementwise work are not
-        matmul FLOPs and, as softmax in the GPT count (PaLM appendix B), are not counted; an attention layer's
-        scores and weighted sum are, as in model_gpt.py."""
+        forward and 4 backward, hence 6 * (matrix params): the Linears and the LoRA matrices of RWKV-6 (time_*_w1,
+        time_*_w2) and RWKV-7 (w1, w2, a1, ...); an MoE layer's experts count top_k / moe_experts (a token visits
+        top_k of them). The embedding is a lookup. The WKV recurrence and the other elementwise work are not matmul
+        FLOPs and, as softmax in the GPT count (PaLM appendix B), are not counted; an attention layer's scores and
+        weighted sum are, as in model_gpt.py."""
         cfg = self.config
+        lora = re.compile(r'(_w[12]|\.att\.[wavg][12])$')
         n_matmul = 0
         for n, p in self.named_parameters():
-            if p.dim() == 2 and n != 'emb.weight':
+            if n != 'emb.weight' and (p.dim() == 2 and n.endswith('.weight') or lora.search(n)):
                 n_matmul += p.numel() * (cfg.moe_top_k / cfg.moe_experts if '.experts.' in n else 1)
         return 6 * n_matmul + sum(b.att.flops_per_token(cfg.block_size) for b in self.blocks if b.attention)
 

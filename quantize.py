@@ -261,6 +261,9 @@ def save_rwkvcpp(model, path, data_type='FP32'):
     import struct
     if data_type not in RWKVCPP_TYPES:
         raise ValueError(f"rwkv.cpp data type must be one of {', '.join(RWKVCPP_TYPES)}, got {data_type!r}")
+    if model.config.version != 4:
+        raise ValueError(f"the rwkv.cpp format written here is RWKV-4's; this model is RWKV-{model.config.version}: "
+                         f"export it as an official .pth (--format=pth) or quantize it (--format=int8, ...)")
     state = model.plain_state_dict()  # RWKV-LM's names and values, fp32; refuses MoE / hybrids
     V, C = state['emb.weight'].shape
     version = 100 if data_type in ('FP32', 'FP16') else 101

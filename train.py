@@ -1,5 +1,5 @@
 """
-Train a GPT-2 or an RWKV-4 language model; nanoGPT's train.py loop for both.
+Train a GPT-2 or an RWKV (version 4, 5, 6 or 7) language model; nanoGPT's train.py loop for both.
 
 Single process (CPU or one GPU):
 $ python train.py config/train_shakespeare_char.py --max_iters=500
@@ -79,8 +79,13 @@ OPTIONS = dict(
     dropout=Option(0.0, "gpt: nanoGPT's; rwkv: RWKV-LM's, on the residual stream after each time and channel mix",
                    '[0, 1)'),
     bias=Option(False, "gpt only: biases in Linears and LayerNorms"),
-    wkv_backend=Option('auto', "rwkv only: the WKV implementation", BACKENDS),
-    rwkv_lr_scale=Option(True, "rwkv only: RWKV-LM's layerwise_lr (time_decay x2, time_first x3)"),
+    rwkv_version=Option(4.0, "rwkv only: RWKV-LM's version: 4, 5 (5.2), 5.1 (MicroRWKV's x051a), 6 or 7",
+                        (4, 5, 5.1, 6, 7)),
+    head_size=Option(64, "rwkv 5-7: channels per head of the matrix-valued state (n_embd must be a multiple)",
+                     '>= 1'),
+    wkv_backend=Option('auto', "rwkv 4 only: the WKV implementation (5-7 run the chunked ops of wkv_cuda/)",
+                       BACKENDS),
+    rwkv_lr_scale=Option(True, "rwkv only: RWKV-LM's layerwise_lr (time_decay and v7's w0 x2, v4's time_first x3)"),
     attn_layers=Option([], "rwkv only: blocks whose time mix is causal softmax attention (a hybrid), e.g. [3]",
                        '>= 0'),
     attn_window=Option(0, "attention (gpt, rwkv attn_layers): each token sees the last attn_window tokens, itself "
@@ -158,10 +163,11 @@ def new_model_args(cfg, vocab_size):
                               "attention already")
         return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                     bias=cfg.bias, vocab_size=vocab_size, **options)
-    # RWKV-v4neo initialises the embedding as U(-lr_init, lr_init)
+    # the embedding is U(-lr_init, lr_init) in RWKV-v4neo, U(-1e-4, 1e-4) in RWKV-v5 and v7
+    version = int(cfg.rwkv_version) if cfg.rwkv_version == int(cfg.rwkv_version) else cfg.rwkv_version
     return dict(n_layer=cfg.n_layer, n_embd=cfg.n_embd, block_size=cfg.block_size, vocab_size=vocab_size,
-                emb_init=cfg.learning_rate, wkv_backend=cfg.wkv_backend, attn_layers=cfg.attn_layers,
-                n_head=cfg.n_head, **options)
+                version=version, head_size=cfg.head_size, emb_init=cfg.learning_rate if version == 4 else 1e-4,
+                wkv_backend=cfg.wkv_backend, attn_layers=cfg.attn_layers, n_head=cfg.n_head, **options)
 
 
 def init_model(cfg, given, init, meta, ddir, master):
