@@ -1,6 +1,6 @@
 """
 Checkpoints: the crash-safe files train.py writes, the models they hold, the checks a resumed run must pass, and
-pretrained models from elsewhere (the Hugging Face hub, a Hugging Face directory, an official RWKV-4 .pth).
+pretrained models from elsewhere (the Hugging Face hub, a Hugging Face directory, an official RWKV .pth).
 
 A run writes out_dir/ckpt-<iter>.pt (ckpt.pt is a hard link to the newest). Each checkpoint holds the weights, the
 optimizer and grad-scaler state, model_type and model_args, the full run config, the iteration, the best val loss,
@@ -325,7 +325,8 @@ def load_state_checked(model, state, source):
 
 def load_pretrained(init_from, wkv_backend='auto', for_training=False):
     """(model, model type, tokenizer spec) for a pretrained model: gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face format
-    directory (RWKV or GPT-2), an official RWKV-4 .pth, or a quantized .safetensors of export.py (inference only).
+    directory (RWKV or GPT-2), an official RWKV .pth (version 4, 5, 6 or 7), or a quantized .safetensors of
+    export.py (inference only).
     Errors are ConfigErrors of one line."""
     from model_gpt import GPT
     from model_rwkv import RWKV
@@ -341,8 +342,9 @@ def load_pretrained(init_from, wkv_backend='auto', for_training=False):
             return GPT.from_pretrained(init_from), 'gpt', {'tokenizer': 'gpt2'}
         if init_from in RWKV.HUB_NAMES:
             return RWKV.from_pretrained(init_from, wkv_backend), 'rwkv', {'tokenizer': 'neox'}
-        if path.is_file():
-            return RWKV.from_pretrained(path, wkv_backend), 'rwkv', {'tokenizer': 'neox'}  # official: a Pile model
+        if path.is_file():  # an official .pth: a Pile model (GPT-NeoX tokenizer) or a World model (vocab 65536)
+            model = RWKV.from_pretrained(path, wkv_backend)
+            return model, 'rwkv', {'tokenizer': 'world' if model.config.vocab_size == 65536 else 'neox'}
         if path.is_dir():
             config = path / 'config.json'
             model_type = json.loads(config.read_text()).get('model_type') if config.is_file() else None
@@ -362,4 +364,4 @@ def load_pretrained(init_from, wkv_backend='auto', for_training=False):
     except ValueError as e:  # from_pretrained's errors are one line already
         raise ConfigError(str(e)) from e
     raise ConfigError(f"init_from={init_from!r}: expected {', '.join(GPT.HUB_NAMES)}, RWKV/rwkv-4-{{169m,430m,1b5,"
-                      f"3b,7b,14b}}-pile, a Hugging Face directory, an RWKV-4 .pth or a quantized .safetensors")
+                      f"3b,7b,14b}}-pile, a Hugging Face directory, an RWKV .pth or a quantized .safetensors")

@@ -5,7 +5,7 @@ $ python export.py --out_dir=out-shakespeare-char --format=hf --dest=rwkv-shakes
 $ python export.py --out_dir=out-shakespeare-char --format=pth --dest=rwkv-shakespeare.pth   # RWKV-LM / rwkv pip
 
 format 'hf': config.json + model.safetensors, loaded by transformers as RwkvForCausalLM or GPT2LMHeadModel.
-format 'pth': RWKV only, the official RWKV-4 .pth of BlinkDL's RWKV-LM, which the rwkv pip package runs.
+format 'pth': RWKV only, the official .pth of BlinkDL's RWKV-LM (any version), which the rwkv pip package runs.
 formats 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4': the model quantized for CPU inference (quantize.py), one .safetensors
   that sample.py --init_from=<file> and RWKV/GPT.from_pretrained load without the checkpoint;
   --head=True/False overrides the format's default for the output head.
@@ -20,7 +20,7 @@ from configurator import ConfigError, Option, parse_config, run_script
 
 OPTIONS = dict(
     out_dir=Option('out', "the directory with the checkpoints (the newest intact one is exported)"),
-    format=Option('hf', "'hf' (a transformers directory), 'pth' (RWKV only: the official RWKV-4 .pth), or a "
+    format=Option('hf', "'hf' (a transformers directory), 'pth' (RWKV only: the official .pth), or a "
                         "quantization format (a .safetensors for CPU inference)",
                   ('hf', 'pth', 'rwkvcpp', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4')),
     dest=Option('', "the directory (hf) or file (pth, quantized) to write"),

@@ -22,7 +22,7 @@ from tokenizer import get_codec
 
 OPTIONS = dict(
     init_from=Option('resume', "'resume' (the newest checkpoint in out_dir), gpt2*, RWKV/rwkv-4-*-pile, a Hugging "
-                               "Face directory or an RWKV-4 .pth"),
+                               "Face directory or an official RWKV .pth (version 4-7)"),
     out_dir=Option('out', "the directory with the checkpoints (init_from='resume')"),
     start=Option('\n', "the prompt, or FILE:path to read it from a file"),
     num_samples=Option(3, "samples to draw", '>= 1'),

@@ -114,4 +114,10 @@ def get_codec(spec):
         path = spec['path'] if kind == 'file' else cached_registry_file('20B_tokenizer.json', *NEOX_JSON)
         tok = Tokenizer.from_file(str(path))
         return (lambda s: tok.encode(s).ids), tok.decode, tok.token_to_id('<|endoftext|>')
-    raise ValueError(f"unknown tokenizer {spec!r}: expected 'char', 'gpt2', 'neox' or 'file'")
+    if kind == 'world':  # the RWKV World models' (RWKV-5/6/7 .pth of vocab 65536): the rwkv pip package's own
+        from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+        import rwkv
+        tok = TRIE_TOKENIZER(str(Path(rwkv.__file__).parent / 'rwkv_vocab_v20230424.txt'))
+        # id 0 is the end of text (no bytes); a split UTF-8 character decodes to U+FFFD until it is whole
+        return tok.encode, lambda ids: b''.join(tok.idx2token.get(i, b'') for i in ids).decode('utf-8', 'replace'), 0
+    raise ValueError(f"unknown tokenizer {spec!r}: expected 'char', 'gpt2', 'neox', 'world' or 'file'")

@@ -51,7 +51,8 @@ OPTIONS = dict(
                       ('stop', 'skip')),
     init_from=Option('scratch', "'scratch'; 'resume' (the newest intact checkpoint in out_dir); 'auto' (resume "
                                 "if out_dir has a checkpoint, else scratch: for jobs that restart); or a pretrained "
-                                "model: gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face directory or an RWKV-4 .pth"),
+                                "model: gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face directory or an RWKV .pth "
+                                "(version 4-7)"),
     overwrite=Option(False, "start from scratch or pretrained in an out_dir that holds checkpoints, moving them "
                             "into out_dir/replaced-<time>/ first"),
     # wandb logging

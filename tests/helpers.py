@@ -75,7 +75,7 @@ def tiny_rwkv(dtype=torch.float64, seed=0, **kw):
     # v4neo's init zeroes several matrices, which would hide bugs in the paths they feed: randomise everything
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if 'time_' not in n:
+            if 'time_' not in n or n.endswith(('_w1', '_w2')):  # RWKV-6's LoRAs start at zero too
                 p.add_(0.3 * torch.randn_like(p))
     return model.to(dtype).eval()
 

@@ -19,6 +19,8 @@ is a sum of log-decays, <= 0, and decays of e^-20 per token cannot overflow. The
 and leaves as exp(c_L) S + sum_s (k_s * exp(c_L - c_s)) v_s^T: one hand-off per chunk, no loop over tokens.
 Gradients (also of the incoming state) come from autograd through either form.
 """
+import functools
+
 import torch
 
 
@@ -26,6 +28,16 @@ def _acc(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def without_autocast(op):
+    """Run op with autocast off: under bf16 autocast its matmuls would otherwise round the fp32 state and decays."""
+    @functools.wraps(op)
+    def wrapped(r, *args, **kwargs):
+        with torch.autocast(r.device.type, enabled=False):
+            return op(r, *args, **kwargs)
+    return wrapped
+
+
+@without_autocast
 def wkv5_loop(r, k, v, logw, u, state=None):
     """The recurrence one token at a time (the test oracle). Returns y (B, T, H, N) in r's dtype and the state."""
     B, T, H, N = r.shape
@@ -40,6 +52,7 @@ def wkv5_loop(r, k, v, logw, u, state=None):
     return torch.stack(ys, dim=1).to(r.dtype), S
 
 
+@without_autocast
 def wkv5_chunked(r, k, v, logw, u, state=None, chunk_len=16):
     """The same function, chunk by chunk (see the module docstring). Any T: the last chunk is padded with tokens that
     neither decay nor write (logw = 0, k = 0)."""

@@ -29,11 +29,10 @@ pairwise form of wkv5.py instead. Gradients (also of the incoming state) come fr
 """
 import torch
 
-
-def _acc(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from wkv_cuda.wkv5 import _acc, without_autocast
 
 
+@without_autocast
 def wkv7_loop(r, logw, k, v, a, b, state=None):
     """The recurrence one token at a time (the test oracle). Returns y (B, T, H, N) in r's dtype and the state."""
     B, T, H, N = r.shape
@@ -48,6 +47,7 @@ def wkv7_loop(r, logw, k, v, a, b, state=None):
     return torch.stack(ys, dim=1).to(r.dtype), S
 
 
+@without_autocast
 def wkv7_chunked(r, logw, k, v, a, b, state=None, chunk_len=16):
     """The same function, chunk by chunk (see the module docstring). Any T: the last chunk is padded with tokens
     that neither decay nor read nor write (logw = 0, k = v = a = b = 0)."""
