@@ -9,6 +9,7 @@ one token at a time from an empty history. At every step we record the step's la
 memory: on a GPU the peak allocated memory; on a CPU the bytes of the RWKV state / GPT KV cache and the process RSS.
 
 $ python benchmark_inference_time.py                                    # CPU, L6 C512, 4096 tokens
+$ python benchmark_inference_time.py --models="['rwkv']" --rwkv_version=7 # RWKV-7 alone
 $ python benchmark_inference_time.py --device=cuda --dtype=float16 --n_layer=32 --n_embd=2560 --n_head=32 \
       --n_tokens=16384                                                 # GPU, ~3B models as in the original plot
 
@@ -37,6 +38,9 @@ OPTIONS = dict(
     n_layer=Option(6, "blocks of every model", '>= 1'),
     n_embd=Option(512, "width of every model", '>= 1'),
     n_head=Option(8, "attention heads (gpt, and the hybrid's attention layers; n_embd must be a multiple)", '>= 1'),
+    rwkv_version=Option(4.0, "the 'rwkv' model's RWKV-LM version: 4, 5, 5.1, 6 or 7 (the hybrid is RWKV-4)",
+                        (4, 5, 5.1, 6, 7)),
+    head_size=Option(64, "rwkv versions 5-7: channels per head of the matrix state", '>= 1'),
     hybrid_layers=Option([2, 5], "hybrid: the blocks that are attention (one in three of L6)", '>= 0'),
     attn_window=Option(256, "hybrid and gpt_window: each token attends to the last attn_window tokens; 0 = all",
                        '>= 0'),
@@ -64,8 +68,9 @@ def build(name, cfg):
     attention = dict(n_head=cfg.n_head, attn_kv_heads=cfg.attn_kv_heads)
     if name in ('rwkv', 'hybrid'):
         from model_rwkv import RWKV, RWKVConfig
+        version = int(cfg.rwkv_version) if cfg.rwkv_version == int(cfg.rwkv_version) else cfg.rwkv_version
         hybrid = dict(attn_layers=cfg.hybrid_layers, attn_window=cfg.attn_window, **attention) if name == 'hybrid' \
-            else {}
+            else dict(version=version, head_size=cfg.head_size)
         model = RWKV(RWKVConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
                                 block_size=cfg.n_tokens, **hybrid))
         with torch.no_grad():  # v4neo's init zeroes several matrices; random weights make every matmul real work

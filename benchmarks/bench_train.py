@@ -4,6 +4,7 @@ and MFU for one forward + backward + AdamW step, eager and with torch.compile, a
 its RwkvForCausalLM and GPT2LMHeadModel of the same configuration in the same run, printed as ratios.
 
 $ python benchmarks/bench_train.py                                       # CPU: L4 C256, char vocabulary, 4 x 1024
+$ python benchmarks/bench_train.py --rwkv_version=7 --head_size=32      # our rwkv as RWKV-7
 $ python benchmarks/bench_train.py --device=cuda --n_layer=12 --n_embd=768 --n_head=12 --vocab_size=50304 \
       --batch_size=12                                                   # GPU: the ~125M models of the configs
 
@@ -35,7 +36,10 @@ OPTIONS = dict(
     batch_size=Option(4, "sequences per batch", '>= 1'),
     compile=Option([False, True], "run each of our models eager and/or torch.compile'd"),
     transformers=Option(True, "add transformers' RwkvForCausalLM and GPT2LMHeadModel (eager) when installed"),
-    wkv_backend=Option('auto', "rwkv: the WKV implementation", BACKENDS),
+    wkv_backend=Option('auto', "rwkv 4: the WKV implementation", BACKENDS),
+    rwkv_version=Option(4.0, "our rwkv's RWKV-LM version: 4, 5, 5.1, 6 or 7 (transformers' is RWKV-4)",
+                        (4, 5, 5.1, 6, 7)),
+    head_size=Option(64, "rwkv versions 5-7: channels per head of the matrix state", '>= 1'),
     warmup=Option(2, "untimed iterations first (the compile happens in the first)", '>= 1'),
     iters=Option(5, "timed iterations; the median is reported", '>= 1'),
     peak_flops=Option(0.0, "FLOP/s for MFU; 0 = datasheet for known GPUs, else measured", '>= 0'),
@@ -66,8 +70,11 @@ def models(cfg):
     def gpt():
         return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=cfg.n_head, n_embd=C, bias=True))
 
-    def rwkv():
-        return RWKV(RWKVConfig(block_size=T, vocab_size=V, n_layer=L, n_embd=C, wkv_backend=cfg.wkv_backend))
+    version = int(cfg.rwkv_version) if cfg.rwkv_version == int(cfg.rwkv_version) else cfg.rwkv_version
+
+    def rwkv(version=version):
+        return RWKV(RWKVConfig(block_size=T, vocab_size=V, n_layer=L, n_embd=C, wkv_backend=cfg.wkv_backend,
+                               version=version, head_size=cfg.head_size))
     out = []
     for compiled in cfg.compile:
         out += [(f"gpt{' compiled' if compiled else ''}", gpt, compiled, gpt),
@@ -88,7 +95,7 @@ def models(cfg):
                                               attention_hidden_size=C, intermediate_size=4 * C,
                                               bos_token_id=0, eos_token_id=0)
             out.append(('transformers RwkvForCausalLM', lambda: HFWrapper(transformers.RwkvForCausalLM(hf_rwkv)),
-                        False, rwkv))
+                        False, lambda: rwkv(4)))  # its FLOPs are an RWKV-4's
         else:
             print("(transformers' RWKV is left out: it cannot build a 1-layer model)")
     return out
@@ -109,7 +116,8 @@ def main(argv):
     print(f"# bench_train.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, {machine}, "
           f"{time.strftime('%Y-%m-%d')}\nL{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}, batch {B} x {T} tokens, "
           f"{dtype}, AdamW; forward + backward + step, median of {cfg.iters} after {cfg.warmup} warm-up; "
-          f"peak {peak / 1e12:.3g} TFLOP/s\n")
+          f"peak {peak / 1e12:.3g} TFLOP/s; rwkv = RWKV-{cfg.rwkv_version:g}"
+          f"{f' (head_size {cfg.head_size})' if cfg.rwkv_version != 4 else ''}\n")
     print("| model | ms/iter | tokens/s | MFU | vs gpt |")
     print("|---|---|---|---|---|")
     g = torch.Generator().manual_seed(cfg.seed)

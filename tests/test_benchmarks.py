@@ -130,3 +130,18 @@ def test_help_documents_every_option(name, tmp_path, monkeypatch):
     for key, option in options.items():
         assert f'  {key} = {option.default!r}  # {option.help}' in out, key
     assert not list(tmp_path.iterdir())  # --help prepared, trained or wrote nothing
+
+
+@pytest.mark.parametrize('version', [5.1, 7])
+def test_benchmarks_take_the_rwkv_version(version, tmp_path):
+    """--rwkv_version: the inference benchmark's state is the matrix state (L (2C + H N^2)); bench_train runs it."""
+    N, n = 8, 6
+    script('benchmark_inference_time.py', f'--n_layer={L}', f'--n_embd={C}', f'--vocab_size={V}', "--models=['rwkv']",
+           f'--rwkv_version={version}', f'--head_size={N}', f'--n_tokens={n}', '--report_at=[6]', '--window=2',
+           f'--out={tmp_path}/it', f'--plot={tmp_path}/it.png', '--device=cpu', cwd=tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / 'it.csv')))
+    assert len(rows) == n and all(float(r['cache_mb']) * 2 ** 20 == L * (2 * C + C * N) * 4 for r in rows)
+    out = script('benchmarks/bench_train.py', f'--n_layer={L}', f'--n_embd={C}', '--n_head=2', f'--vocab_size={V}',
+                 '--block_size=16', '--batch_size=2', '--iters=1', '--warmup=1', '--device=cpu', '--compile=[False]',
+                 '--transformers=False', f'--rwkv_version={version}', f'--head_size={N}', cwd=tmp_path)
+    assert f'rwkv = RWKV-{version:g} (head_size {N})' in out and [r[0] for r in table(out, 'model')] == ['gpt', 'rwkv']

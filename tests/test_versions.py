@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, args, loss_lines, one_line_error, run, tiny_rwkv
+from helpers import args, loss_lines, one_line_error, run, tiny_rwkv
 from model_rwkv import RWKV, RWKVConfig, MatrixState
 
 VERSIONS = [5, 5.1, 6, 7]
