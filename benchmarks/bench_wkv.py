@@ -1,6 +1,7 @@
 """
 Benchmark the WKV op per backend: forward, and forward + backward, against the pure-PyTorch reference; and the
-RWKV-5/6 op (wkv_cuda/wkv5.py): its chunked form against its per-token loop, with per-token (RWKV-6) decays.
+RWKV-5/6 op (wkv_cuda/wkv5.py) and the RWKV-7 op (wkv7.py): each chunked form against its per-token loop, with
+per-token decays (RWKV-6's, RWKV-7's range).
 (Whole-model training throughput is benchmarks/bench_train.py.)
 
 $ python benchmarks/bench_wkv.py                          # CPU
@@ -20,6 +21,7 @@ from configurator import Option, parse_config, run_script  # noqa: E402
 from hardware import DEVICE, run_provenance  # noqa: E402
 from wkv_cuda import wkv  # noqa: E402
 from wkv_cuda.wkv5 import wkv5_chunked, wkv5_loop  # noqa: E402
+from wkv_cuda.wkv7 import wkv7_chunked, wkv7_loop  # noqa: E402
 
 OPTIONS = dict(
     device=Option('cpu', "'cpu', 'cuda', 'cuda:1', ...", DEVICE),
@@ -27,9 +29,9 @@ OPTIONS = dict(
     dtypes=Option(['float32'], "k, v dtype for the op; bfloat16 on CUDA only", ('float32', 'float64', 'bfloat16')),
     repeats=Option(5, "timed runs; the median is reported", '>= 1'),
     torch_max_t=Option(1024, "skip the reference above this T (it is a Python loop)", '>= 0'),
-    wkv5_shapes=Option([(8, 1024, 512, 64), (2, 256, 256, 64)], "(B, T, C, head_size) for the RWKV-5/6 op",
+    wkv5_shapes=Option([(8, 1024, 512, 64), (2, 256, 256, 64)], "(B, T, C, head_size) for the RWKV-5/6 and 7 ops",
                        '>= 1'),
-    chunk_len=Option(16, "the RWKV-5/6 op's chunk length", '>= 1'),
+    chunk_len=Option(16, "the RWKV-5/6/7 ops' chunk length", '>= 1'),
 )
 
 
@@ -87,30 +89,38 @@ def bench_op(cfg):
 
 def bench_wkv5(cfg):
     device = cfg.device
-    print(f"\n## RWKV-5/6 op (per-token decay), float32, fwd+bwd, device {device}, chunk {cfg.chunk_len}, median of "
-          f"{cfg.repeats}")
-    print("| form | B | T | C | head | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs loop |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n## RWKV-5/6 op (per-token decay) and RWKV-7 op, float32, device {device}, chunk {cfg.chunk_len}, "
+          f"median of {cfg.repeats}")
+    print("| op | form | B | T | C | head | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs loop |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for B, T, C, N in cfg.wkv5_shapes:
         H = C // N
         g = torch.Generator().manual_seed(0)
-        r, k, v = (torch.randn(B, T, H, N, generator=g).to(device).requires_grad_() for _ in range(3))
-        logw = (-torch.exp(torch.randn(B, T, H, N, generator=g) - 1)).to(device).requires_grad_()
-        u = torch.randn(H, N, generator=g).to(device).requires_grad_()
-        base = None
-        for name, op in (('loop', wkv5_loop), ('chunked', lambda *a: wkv5_chunked(*a, chunk_len=cfg.chunk_len))):
-            def fwd(op=op):
-                with torch.no_grad():
-                    op(r, k, v, logw, u)
 
-            def fwd_bwd(op=op):
-                y, s = op(r, k, v, logw, u)
-                (y.square().sum() + s.square().sum()).backward()
-            repeats = cfg.repeats if name == 'chunked' else max(1, min(cfg.repeats, 3))
-            t_f, t_fb = timed(fwd, device, repeats), timed(fwd_bwd, device, repeats)
-            base = base or t_fb
-            print(f"| {name} | {B} | {T} | {C} | {N} | {t_f * 1e3:.1f} | {t_fb * 1e3:.1f} | {base / t_fb:.1f}x |",
-                  flush=True)
+        def randn(*shape):
+            return torch.randn(*shape, generator=g).to(device)
+        r, k, v = randn(B, T, H, N), randn(B, T, H, N), randn(B, T, H, N)
+        kk = torch.nn.functional.normalize(randn(B, T, H, N), dim=-1)
+        ops = {  # RWKV-6: log w = -exp(.); RWKV-7: log w = -e^-0.5 sigmoid(.), a = -kk, b = kk * sigmoid(.)
+            'wkv5': ([r, k, v, -torch.exp(randn(B, T, H, N) - 1), randn(H, N)], wkv5_loop, wkv5_chunked),
+            'wkv7': ([r, -0.6065 * torch.sigmoid(randn(B, T, H, N)), k, v, -kk, kk * torch.sigmoid(randn(B, T, H, N))],
+                     wkv7_loop, wkv7_chunked)}
+        for op_name, (args, loop, chunked) in ops.items():
+            args = [a.clone().requires_grad_() for a in args]
+            base = None
+            for name, op in (('loop', loop), ('chunked', lambda *a, f=chunked: f(*a, chunk_len=cfg.chunk_len))):
+                def fwd(op=op):
+                    with torch.no_grad():
+                        op(*args)
+
+                def fwd_bwd(op=op):
+                    y, s = op(*args)
+                    (y.square().sum() + s.square().sum()).backward()
+                repeats = cfg.repeats if name == 'chunked' else max(1, min(cfg.repeats, 3))
+                t_f, t_fb = timed(fwd, device, repeats), timed(fwd_bwd, device, repeats)
+                base = base or t_fb
+                print(f"| {op_name} | {name} | {B} | {T} | {C} | {N} | {t_f * 1e3:.1f} | {t_fb * 1e3:.1f} | "
+                      f"{base / t_fb:.1f}x |", flush=True)
 
 
 def main(argv):
