@@ -451,6 +451,9 @@ class HybridState(NamedTuple):
     kv: tuple
 
 
+TIME_MIXES = {4: TimeMix, 5: TimeMix5, 5.1: TimeMix5, 6: TimeMix6, 7: TimeMix7}  # by RWKVConfig.version
+
+
 class Block(nn.Module):
 
     def __init__(self, config, layer_id):
@@ -464,8 +467,7 @@ class Block(nn.Module):
         if self.attention:  # no bias, as every RWKV matrix
             self.att = CausalSelfAttention(config.n_embd, config.n_head, config.attn_kv_heads, config.attn_window)
         else:
-            self.att = {4: TimeMix, 5: TimeMix5, 5.1: TimeMix5, 6: TimeMix6, 7: TimeMix7}[config.version](config,
-                                                                                                       layer_id)
+            self.att = TIME_MIXES[config.version](config, layer_id)
         self.ffn = (ChannelMix7 if config.version == 7 else ChannelMix)(config, layer_id)
         # RWKV-v4neo/src/model.py Block.forward: x = drop0(x + att(ln1(x))), x = drop1(x + ffn(ln2(x)))
         self.drop0 = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
@@ -477,12 +479,10 @@ class Block(nn.Module):
         if self.attention:
             dx, cache = self.att(xa[:, None] if step else xa, cache)
             return (dx[:, 0] if step else dx), state, cache, v_first
-        last = xa if step else xa[:, -1]
+        run, last = (self.att.step, xa) if step else (self.att, xa[:, -1])
         if self.version == 4:
-            run = self.att.step if step else self.att
             dx, (aa, bb, pp) = run(xa, state.x_att, (state.aa, state.bb, state.pp))
             return dx, State(last.to(aa.dtype), aa, bb, pp, state.x_ffn), cache, v_first
-        run = self.att.step if step else self.att
         if self.version == 7:
             dx, wkv_state, v_first = run(xa, state.x_att, state.wkv, v_first)
         else:
@@ -523,7 +523,7 @@ class RWKVConfig:
     n_layer: int = 12
     n_embd: int = 768
     dim_ffn: int = 0  # 0 means RWKV-LM's: 4 * n_embd (versions 4 and 7), 3.5 * n_embd rounded down to 32 (5, 6)
-    emb_init: float = 1e-4  # emb.weight ~ U(-emb_init, emb_init); RWKV-v4neo uses lr_init here, and so does train.py
+    emb_init: float = 1e-4  # emb.weight ~ U(-emb_init, emb_init); RWKV-v4neo: lr_init (train.py too), v5-v7: 1e-4
     version: float = 4  # 4 | 5 (5.2, x052) | 5.1 (x051a, MicroRWKV's) | 6 (x060) | 7 (x070)
     head_size: int = 64  # versions 5-7: channels per head of the matrix-valued state (n_head = n_embd / head_size)
     lora_dims: tuple = ()  # versions 6 (mix, decay) and 7 (decay, a, v, gate): LoRA widths; () = RWKV-LM's defaults
