@@ -148,7 +148,7 @@ class GPT(nn.Module):
         x, _ = self._body(idx, None, use_cache=False)  # (B, T, C)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             if self.config.moe_experts and self.training:
                 aux = self.moe_aux_loss()
                 self.last_moe_aux = aux.detach()

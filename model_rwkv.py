@@ -703,7 +703,7 @@ class RWKV(nn.Module):
             return loss, new_state
         if targets is not None:
             logits = self.head(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             if self.training:
                 loss = L2Wrap.apply(loss, logits)
             if moe:  # in training only: the eval loss is the cross-entropy alone, comparable with other models

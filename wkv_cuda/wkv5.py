@@ -14,8 +14,9 @@ u is the "bonus" (time_faaaa) of the current token. Inputs r, k, v, logw are (B,
 
 The chunked form (chunk length L, a power of two) splits T into chunks. Inside a chunk, with c_t the inclusive and
 e_t the exclusive cumulative log-decay (e built by shifting c, never as c - logw, which loses accuracy when decays are
-strong), token t sees token s < t through sum_i r_t[i] k_s[i] exp(e_t[i] - c_s[i]): formed pairwise, so every exponent
-is a sum of log-decays, <= 0, and decays of e^-20 per token cannot overflow. The state enters as (r_t * exp(e_t)) S
+strong), token t sees token s < t through sum_i r_t[i] k_s[i] exp(e_t[i] - c_s[i]), every exponent a sum of
+log-decays, <= 0, so decays of e^-20 per token cannot overflow: pairwise inside sub-blocks of 4 tokens, and across
+them split at the end of s's sub-block into two such exponents, whose factors multiply in a matmul. The state enters as (r_t * exp(e_t)) S
 and leaves as exp(c_L) S + sum_s (k_s * exp(c_L - c_s)) v_s^T: one hand-off per chunk, no loop over tokens.
 Gradients (also of the incoming state) come from autograd through either form.
 """
@@ -71,11 +72,26 @@ def wkv5_chunked(r, k, v, logw, u, state=None, chunk_len=16):
     r, k, v, logw = (x.view(B, n, L, H, N).permute(0, 3, 1, 2, 4) for x in (r, k, v, logw))
     c = logw.cumsum(dim=3)  # inclusive cumulative log-decay, (B, H, n, L, N)
     e = torch.cat([torch.zeros_like(c[:, :, :, :1]), c[:, :, :, :-1]], dim=3)  # exclusive, by shifting
-    # intra-chunk: A[t, s] = sum_i r_t[i] k_s[i] exp(e_t[i] - c_s[i]) for s < t, every exponent <= 0
-    below = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)  # (L, L): s < t
-    gap = (e[..., :, None, :] - c[..., None, :, :]).masked_fill(~below[..., None], float('-inf'))  # (B,H,n,L,L,N)
-    A = torch.einsum('bhnti,bhnsi,bhntsi->bhnts', r, k, torch.exp(gap))  # (B, H, n, L, L)
-    y = A @ v + (r * u[None, :, None, None, :] * k).sum(-1, keepdim=True) * v  # (B, H, n, L, V)
+    # intra-chunk: A[t, s] = sum_i r_t[i] k_s[i] exp(e_t[i] - c_s[i]) for s < t, every exponent <= 0. The chunk is
+    # cut into sub-blocks of Q tokens. For s in an earlier sub-block than t, the exponent splits at the last token m
+    # of s's sub-block into (e_t - c_m) + (c_m - c_s), both <= 0: a product of two factors in [0, 1], so a matmul.
+    # Inside a sub-block the Q(Q-1)/2 pairs are formed one by one.
+    Q = min(4, L)
+    nb = L // Q
+    c_end = c[:, :, :, Q - 1::Q]  # (B, H, n, nb, N): c at each sub-block's last token
+    k_end = k * torch.exp(c_end.repeat_interleave(Q, dim=3) - c)  # (B, H, n, L, K): k_s decayed to its block's end
+    # r_t seen from the end of every sub-block J; the exponent is > 0 only where t is not after J: clamped, masked
+    r_from = r[:, :, :, None] * torch.exp((e[:, :, :, None] - c_end[..., None, :]).clamp(max=0))  # (B,H,n,nb,L,K)
+    A = r_from @ k_end.view(B, H, n, nb, Q, N).transpose(-1, -2)  # (B, H, n, nb, L, Q): column s = J * Q + j
+    A = A.permute(0, 1, 2, 4, 3, 5).reshape(B, H, n, L, L)
+    block = torch.arange(L, device=r.device) // Q
+    A = A.masked_fill(block[:, None] <= block[None, :], 0)  # only pairs whose sub-blocks differ, s before t
+    rq, kq, eq, cq = (x.view(B, H, n, nb, Q, N) for x in (r, k, e, c))
+    below = torch.ones(Q, Q, dtype=torch.bool, device=r.device).tril(-1)  # (Q, Q): s < t
+    gap = (eq[..., :, None, :] - cq[..., None, :, :]).masked_fill(~below[..., None], float('-inf'))  # (..,Q,Q,N)
+    A_in = torch.einsum('bhnjti,bhnjsi,bhnjtsi->bhnjts', rq, kq, torch.exp(gap))  # (B, H, n, nb, Q, Q)
+    y_in = (A_in @ v.view(B, H, n, nb, Q, N)).view(B, H, n, L, N)
+    y = A @ v + y_in + (r * u[None, :, None, None, :] * k).sum(-1, keepdim=True) * v  # (B, H, n, L, V)
     # inter-chunk: the state seen by each token, and the state after each chunk
     r_in = r * torch.exp(e)  # (B, H, n, L, K): the incoming state decayed to token t
     k_out = k * torch.exp(c[:, :, :, -1:] - c)  # (B, H, n, L, K): token s decayed to the chunk's end
