@@ -138,6 +138,22 @@ def ortho(rows, cols, scale):
     return w
 
 
+def decay_and_bonus(C, ratio_0_to_1):
+    """RWKV-v5/src/model.py RWKV_Tmix_x052 / x060 init of time_decay and time_faaaa, (C,) each."""
+    n = torch.arange(C, dtype=torch.float32) / max(C - 1, 1)
+    zigzag = ((torch.arange(C) + 1) % 3 - 1) * 0.1
+    return -6 + 5 * n ** (0.7 + 1.3 * ratio_0_to_1), ratio_0_to_1 * (1 - n) + zigzag
+
+
+def add_projections(m, C, H):
+    """RWKV-5/6's receptance, key, value, gate and output (C x C, no bias) and the GroupNorm ln_x on module m. RWKV-LM
+    divides x by head_size_divisor 8 before GroupNorm(eps=1e-5): the same as eps = 64e-5 on x (the rwkv pip
+    package's form)."""
+    for name in ('receptance', 'key', 'value', 'gate', 'output'):
+        setattr(m, name, nn.Linear(C, C, bias=False))
+    m.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+
 class TimeMix5(nn.Module):
     """RWKV-5 time mix. version 5 (5.2): RWKV-v5/src/model.py RWKV_Tmix_x052, a decay and bonus per channel;
     version 5.1: MicroRWKV's x051a (BlinkDL/nanoRWKV model.py RWKV_TimeMix_x051a), one decay and bonus per head and
@@ -163,18 +179,9 @@ class TimeMix5(nn.Module):
         else:  # x052
             self.time_mix_k, self.time_mix_v = nn.Parameter(mix_k), nn.Parameter(mix_v)
             self.time_mix_r, self.time_mix_g = nn.Parameter(mix_r), nn.Parameter(mix_r.clone())
-            n = torch.arange(C, dtype=torch.float32)
-            self.time_decay = nn.Parameter((-6 + 5 * (n / max(C - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1)).view(H, N))
-            zigzag = ((n + 1) % 3 - 1) * 0.1
-            self.time_faaaa = nn.Parameter((ratio_0_to_1 * (1 - n / max(C - 1, 1)) + zigzag).view(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
-        # RWKV-LM divides x by head_size_divisor 8 before GroupNorm(eps=1e-5): the same as eps = 64e-5 on x (the rwkv
-        # pip package's form)
-        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+            decay, bonus = decay_and_bonus(C, ratio_0_to_1)
+            self.time_decay, self.time_faaaa = nn.Parameter(decay.view(H, N)), nn.Parameter(bonus.view(H, N))
+        add_projections(self, C, H)
 
     def forward(self, x, x_prev, S, op=wkv5_chunked):
         # x (B, T, C); x_prev (B, C) the input before x[:, 0]; S (B, H, K, V) the state before x
@@ -220,19 +227,12 @@ class TimeMix6(nn.Module):
         d_mix, d_decay = config.lora_dims  # RWKV-LM: 32 and 64
         self.time_maa_w1 = nn.Parameter(torch.zeros(C, d_mix * 5))
         self.time_maa_w2 = nn.Parameter(torch.zeros(5, d_mix, C).uniform_(-0.01, 0.01))
-        n = torch.arange(C, dtype=torch.float32)
-        decay_speed = -6 + 5 * (n / max(C - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1)
-        self.time_decay = nn.Parameter(decay_speed.view(1, 1, C))
+        decay, bonus = decay_and_bonus(C, ratio_0_to_1)
+        self.time_decay = nn.Parameter(decay.view(1, 1, C))
         self.time_decay_w1 = nn.Parameter(torch.zeros(C, d_decay))
         self.time_decay_w2 = nn.Parameter(torch.zeros(d_decay, C).uniform_(-0.01, 0.01))
-        zigzag = ((n + 1) % 3 - 1) * 0.1
-        self.time_faaaa = nn.Parameter((ratio_0_to_1 * (1 - n / max(C - 1, 1)) + zigzag).view(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+        self.time_faaaa = nn.Parameter(bonus.view(H, N))
+        add_projections(self, C, H)
 
     def forward(self, x, x_prev, S, op=wkv5_chunked):
         # x (B, T, C); x_prev (B, C); S (B, H, K, V)
