@@ -479,15 +479,18 @@ class Block(nn.Module):
         if self.attention:
             dx, cache = self.att(xa[:, None] if step else xa, cache)
             return (dx[:, 0] if step else dx), state, cache, v_first
-        run, last = (self.att.step, xa) if step else (self.att, xa[:, -1])
+        run = self.att.step if step else self.att
         if self.version == 4:
-            dx, (aa, bb, pp) = run(xa, state.x_att, (state.aa, state.bb, state.pp))
-            return dx, State(last.to(aa.dtype), aa, bb, pp, state.x_ffn), cache, v_first
-        if self.version == 7:
+            dx, slots = run(xa, state.x_att, (state.aa, state.bb, state.pp))  # slots: aa, bb, pp
+        elif self.version == 7:
             dx, wkv_state, v_first = run(xa, state.x_att, state.wkv, v_first)
+            slots = (wkv_state,)
         else:
             dx, wkv_state = run(xa, state.x_att, state.wkv)
-        return dx, MatrixState(last.to(wkv_state.dtype), wkv_state, state.x_ffn), cache, v_first
+            slots = (wkv_state,)
+        # x_att is taken after the time mix ran, so that autograd sums xa's gradients in the order it always did
+        last = (xa if step else xa[:, -1]).to(slots[0].dtype)
+        return dx, type(state)(last, *slots, state.x_ffn), cache, v_first
 
     def forward(self, x, state, cache=None, v_first=None):
         """Parallel mode: x (B, T, C) after `state` (this layer's, slots (B, ...)) and, in an attention layer, its
