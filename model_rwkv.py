@@ -797,7 +797,10 @@ class RWKV(nn.Module):
             state = {hf_to_ours[k]: v for k, v in hf_state.items()}
         else:
             state = load_official_pth(path)
-            config = RWKVConfig(wkv_backend=wkv_backend, **pth_config(state))
+            try:
+                config = RWKVConfig(wkv_backend=wkv_backend, **pth_config(state))
+            except KeyError as e:
+                raise ValueError(f"{name_or_path} is an incomplete RWKV checkpoint: it has no {e.args[0]}") from e
             state = from_rwkv_lm(state, config.version)
         with torch.device('meta'):  # every tensor is loaded below: skip the (slow, for big models) init
             model = cls(config)

@@ -184,8 +184,11 @@ def test_rescale_for_fp16_is_the_same_function():
 
 @pytest.mark.parametrize('content,fragment', [
     ({'emb.weight': torch.zeros(3, 4)}, 'not an RWKV checkpoint'),
-    ({'emb.weight': torch.zeros(3, 4), 'blocks.0.att.time_first': torch.zeros(2, 2),
-      'blocks.0.att.time_decay': torch.zeros(2, 2), 'blocks.0.att.ln_x.weight': torch.zeros(4)}, 'not RWKV-4'),
+    ({'emb.weight': torch.zeros(3, 4), 'blocks.0.ln1.weight': torch.zeros(4)},
+     'incomplete RWKV checkpoint: it has no blocks.0.ffn.key.weight'),
+    ({'emb.weight': torch.zeros(3, 4), 'blocks.0.ln1.weight': torch.zeros(4),
+      'blocks.0.ffn.key.weight': torch.zeros(8, 4), 'blocks.0.att.r_k': torch.zeros(2, 2)},
+     'incomplete RWKV checkpoint: it has no w1'),  # an RWKV-7 key without the rest
 ])
 def test_foreign_pth_is_a_clear_error(tmp_path, content, fragment):
     torch.save(content, tmp_path / 'x.pth')

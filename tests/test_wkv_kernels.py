@@ -229,8 +229,10 @@ def test_benchmark_script_runs(tmp_path):
                        text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines()
-            if line.startswith('| ') and not line.startswith(('| backend', '| form'))]
+            if line.startswith('| ') and not line.startswith(('| backend', '| op'))]
     assert [row.split(' | ')[:5] for row in rows] == [['| torch', 'float32', '2', '9', '5'],
                                                       ['| cpu', 'float32', '2', '9', '5'],
-                                                      ['| loop', '2', '37', '16', '8'],
-                                                      ['| chunked', '2', '37', '16', '8']]
+                                                      ['| wkv5', 'loop', '2', '37', '16'],
+                                                      ['| wkv5', 'chunked', '2', '37', '16'],
+                                                      ['| wkv7', 'loop', '2', '37', '16'],
+                                                      ['| wkv7', 'chunked', '2', '37', '16']]
