@@ -16,8 +16,9 @@ The chunked form (chunk length L, a power of two) splits T into chunks. Inside a
 e_t the exclusive cumulative log-decay (e built by shifting c, never as c - logw, which loses accuracy when decays are
 strong), token t sees token s < t through sum_i r_t[i] k_s[i] exp(e_t[i] - c_s[i]), every exponent a sum of
 log-decays, <= 0, so decays of e^-20 per token cannot overflow: pairwise inside sub-blocks of 4 tokens, and across
-them split at the end of s's sub-block into two such exponents, whose factors multiply in a matmul. The state enters as (r_t * exp(e_t)) S
-and leaves as exp(c_L) S + sum_s (k_s * exp(c_L - c_s)) v_s^T: one hand-off per chunk, no loop over tokens.
+them split at the end of s's sub-block into two such exponents, whose factors multiply in a matmul. The state enters
+as (r_t * exp(e_t)) S and leaves as exp(c_L) S + sum_s (k_s * exp(c_L - c_s)) v_s^T: one hand-off per chunk, no loop
+over tokens.
 Gradients (also of the incoming state) come from autograd through either form.
 """
 import functools
