@@ -68,9 +68,8 @@ def build(name, cfg):
     attention = dict(n_head=cfg.n_head, attn_kv_heads=cfg.attn_kv_heads)
     if name in ('rwkv', 'hybrid'):
         from model_rwkv import RWKV, RWKVConfig
-        version = int(cfg.rwkv_version) if cfg.rwkv_version == int(cfg.rwkv_version) else cfg.rwkv_version
         hybrid = dict(attn_layers=cfg.hybrid_layers, attn_window=cfg.attn_window, **attention) if name == 'hybrid' \
-            else dict(version=version, head_size=cfg.head_size)
+            else dict(version=cfg.rwkv_version, head_size=cfg.head_size)
         model = RWKV(RWKVConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
                                 block_size=cfg.n_tokens, **hybrid))
         with torch.no_grad():  # v4neo's init zeroes several matrices; random weights make every matmul real work

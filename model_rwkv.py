@@ -76,15 +76,25 @@ def channel_ramp(C):
     return (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
 
 
+def layer_ratios(layer_id, n_layer):
+    """RWKV-LM's init curves' exponents: ratio_0_to_1 (0 at the first layer, 1 at the last; max(.., 1) keeps
+    n_layer = 1 defined) and ratio_1_to_almost0 (1 down to 1/n_layer)."""
+    return layer_id / max(n_layer - 1, 1), 1.0 - layer_id / n_layer
+
+
+def token_shift(x, x_prev):
+    """x (B, T, C) delayed by one token, x_prev (B, C) in front: each position sees the one before it."""
+    return torch.cat([x_prev.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # (B, T, C)
+
+
 class TimeMix(nn.Module):
 
     def __init__(self, config, layer_id):
         super().__init__()
         C = config.n_embd
         self.backend = config.wkv_backend
-        # RWKV-v4neo/src/model.py RWKV_TimeMix.__init__ "fancy init"; max(.., 1) keeps n_layer=1 defined
-        ratio_0_to_1 = layer_id / max(config.n_layer - 1, 1)
-        ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer
+        # RWKV-v4neo/src/model.py RWKV_TimeMix.__init__ "fancy init"
+        ratio_0_to_1, ratio_1_to_almost0 = layer_ratios(layer_id, config.n_layer)
         h = torch.arange(C, dtype=torch.float32)
         self.time_decay = nn.Parameter(-5 + 8 * (h / max(C - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1))  # (C,)
         zigzag = 0.5 * (((h + 1) % 3) - 1)  # 0.5, -0.5, 0, 0.5, ...
@@ -100,7 +110,7 @@ class TimeMix(nn.Module):
 
     def forward(self, x, x_prev, sums):
         # parallel mode: x (B, T, C); x_prev (B, C) the input before x[:, 0]; sums (aa, bb, pp) each (B, C)
-        xx = torch.cat([x_prev.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # token shift, (B, T, C)
+        xx = token_shift(x, x_prev)  # (B, T, C)
         # lerp(xx, x, m) = x * m + xx * (1 - m), RWKV-LM's mixing in one op
         k = self.key(torch.lerp(xx, x, self.time_mix_k))
         v = self.value(torch.lerp(xx, x, self.time_mix_v))
@@ -118,11 +128,6 @@ class TimeMix(nn.Module):
         w = -torch.exp(self.time_decay.to(aa.dtype))
         y, aa, bb, pp = wkv_step(w, self.time_first.to(aa.dtype), k.to(aa.dtype), v.to(aa.dtype), aa, bb, pp)
         return self.output(torch.sigmoid(r) * y.to(x.dtype)), (aa, bb, pp)
-
-
-def token_shift(x, x_prev):
-    """x (B, T, C) delayed by one token, x_prev (B, C) in front: each position sees the one before it."""
-    return torch.cat([x_prev.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # (B, T, C)
 
 
 def at_least_fp32(x):
@@ -164,8 +169,7 @@ class TimeMix5(nn.Module):
         C, N = config.n_embd, config.head_size
         H = C // N
         self.n_head = H
-        ratio_0_to_1 = layer_id / max(config.n_layer - 1, 1)
-        ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer
+        ratio_0_to_1, ratio_1_to_almost0 = layer_ratios(layer_id, config.n_layer)
         ramp = channel_ramp(C)  # (1, 1, C)
         mix_k = ramp ** ratio_1_to_almost0
         mix_v = ramp ** ratio_1_to_almost0 + 0.3 * ratio_0_to_1
@@ -215,8 +219,7 @@ class TimeMix6(nn.Module):
         C, N = config.n_embd, config.head_size
         H = C // N
         self.n_head = H
-        ratio_0_to_1 = layer_id / max(config.n_layer - 1, 1)
-        ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer
+        ratio_0_to_1, ratio_1_to_almost0 = layer_ratios(layer_id, config.n_layer)
         ramp = channel_ramp(C)  # (1, 1, C)
         self.time_maa_x = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)
         self.time_maa_w = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)
@@ -268,8 +271,7 @@ class TimeMix7(nn.Module):
         C, N = config.n_embd, config.head_size
         H = C // N
         self.n_head, self.layer_id = H, layer_id
-        ratio_0_to_1 = layer_id / max(config.n_layer - 1, 1)
-        ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer
+        ratio_0_to_1, ratio_1_to_almost0 = layer_ratios(layer_id, config.n_layer)
         ramp = channel_ramp(C)  # (1, 1, C)
         self.x_r = nn.Parameter(1.0 - ramp ** (0.2 * ratio_1_to_almost0))
         self.x_w = nn.Parameter(1.0 - ramp ** (0.9 * ratio_1_to_almost0))
@@ -549,6 +551,7 @@ class RWKVConfig:
             raise ValueError(f"wkv_backend must be one of {', '.join(BACKENDS)}, got {self.wkv_backend!r}")
         if self.version not in VERSIONS:
             raise ValueError(f"version={self.version} must be one of {', '.join(map(str, VERSIONS))}")
+        self.version = int(self.version) if self.version == int(self.version) else self.version  # 7.0 -> 7
         if self.version > 4:
             if self.head_size < 1 or self.n_embd % self.head_size:
                 raise ValueError(f"n_embd={self.n_embd} must be a multiple of head_size={self.head_size} (RWKV-"

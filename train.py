@@ -165,9 +165,9 @@ def new_model_args(cfg, vocab_size):
         return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                     bias=cfg.bias, vocab_size=vocab_size, **options)
     # the embedding is U(-lr_init, lr_init) in RWKV-v4neo, U(-1e-4, 1e-4) in RWKV-v5 and v7
-    version = int(cfg.rwkv_version) if cfg.rwkv_version == int(cfg.rwkv_version) else cfg.rwkv_version
     return dict(n_layer=cfg.n_layer, n_embd=cfg.n_embd, block_size=cfg.block_size, vocab_size=vocab_size,
-                version=version, head_size=cfg.head_size, emb_init=cfg.learning_rate if version == 4 else 1e-4,
+                version=cfg.rwkv_version, head_size=cfg.head_size,
+                emb_init=cfg.learning_rate if cfg.rwkv_version == 4 else 1e-4,
                 wkv_backend=cfg.wkv_backend, attn_layers=cfg.attn_layers, n_head=cfg.n_head, **options)
 
 

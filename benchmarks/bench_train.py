@@ -70,9 +70,7 @@ def models(cfg):
     def gpt():
         return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=cfg.n_head, n_embd=C, bias=True))
 
-    version = int(cfg.rwkv_version) if cfg.rwkv_version == int(cfg.rwkv_version) else cfg.rwkv_version
-
-    def rwkv(version=version):
+    def rwkv(version=cfg.rwkv_version):
         return RWKV(RWKVConfig(block_size=T, vocab_size=V, n_layer=L, n_embd=C, wkv_backend=cfg.wkv_backend,
                                version=version, head_size=cfg.head_size))
     out = []

@@ -176,3 +176,23 @@ def check_gradcheck(backend):
     assert torch.autograd.gradcheck(f, make_inputs(2, 5, 3) + random_state(2, 3))
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the matrix-state ops (wkv_cuda/wkv5.py, wkv7.py)
+
+def check_chunked_equals_loop(loop, chunked, x, names):
+    """chunked(*x) = loop(*x) in float64: output and final state <= 1e-10, and the gradient of a nonlinear loss of
+    both for every input (the incoming state's included; `names` label them) <= 1e-8 relative to its size."""
+    y_loop, s_loop = loop(*x)
+    y, s = chunked(*x)
+    assert (y - y_loop).abs().max() <= 1e-10 and (s - s_loop).abs().max() <= 1e-10
+    g = torch.Generator().manual_seed(1)
+    wy, ws = torch.randn(y.shape, generator=g, dtype=y.dtype), torch.randn(s.shape, generator=g, dtype=y.dtype)
+
+    def loss(y, s):
+        return (torch.sin(y) * wy).sum() + (s * ws).sum() + (y ** 2).sum()
+    grads_loop = torch.autograd.grad(loss(y_loop, s_loop), x)
+    grads = torch.autograd.grad(loss(y, s), x)
+    for name, a, b in zip(names, grads, grads_loop, strict=True):
+        assert (a - b).abs().max() <= 1e-8 * max(1.0, b.abs().max().item()), name

@@ -4,6 +4,7 @@ in float64 and float32, with constant (RWKV-5) and per-token (RWKV-6) decays, st
 import pytest
 import torch
 
+from helpers import check_chunked_equals_loop
 from wkv_cuda.wkv5 import wkv5_chunked, wkv5_loop
 
 
@@ -46,16 +47,7 @@ def test_loop_is_the_definition():
 @pytest.mark.parametrize('kind', ['v5', 'v6', 'v6 strong'])
 def test_chunked_equals_loop_float64(T, kind):
     x = inputs(T=T, per_token=kind != 'v5', strong='strong' in kind)
-    y_loop, s_loop = wkv5_loop(*x)
-    y, s = wkv5_chunked(*x)
-    assert (y - y_loop).abs().max() <= 1e-10 and (s - s_loop).abs().max() <= 1e-10
-    g = torch.Generator().manual_seed(1)
-    wy, ws = torch.randn(y.shape, generator=g, dtype=y.dtype), torch.randn(s.shape, generator=g, dtype=y.dtype)
-    loss = lambda y, s: (torch.sin(y) * wy).sum() + (s * ws).sum() + (y ** 2).sum()  # noqa: E731
-    grads_loop = torch.autograd.grad(loss(y_loop, s_loop), x)
-    grads = torch.autograd.grad(loss(y, s), x)
-    for name, a, b in zip(['r', 'k', 'v', 'logw', 'u', 'state'], grads, grads_loop):
-        assert (a - b).abs().max() <= 1e-8 * max(1.0, b.abs().max().item()), name
+    check_chunked_equals_loop(wkv5_loop, wkv5_chunked, x, ['r', 'k', 'v', 'logw', 'u', 'state'])
 
 
 @pytest.mark.parametrize('chunk_len', [1, 2, 8, 32])

@@ -4,6 +4,7 @@ included), in float64 and float32, with RWKV-7's range of decays and in-context 
 import pytest
 import torch
 
+from helpers import check_chunked_equals_loop
 from wkv_cuda.wkv7 import wkv7_chunked, wkv7_loop
 
 
@@ -46,16 +47,7 @@ def test_loop_is_the_definition():
 @pytest.mark.parametrize('strong', [False, True])
 def test_chunked_equals_loop_float64(T, strong):
     x = inputs(T=T, strong=strong)
-    y_loop, s_loop = wkv7_loop(*x)
-    y, s = wkv7_chunked(*x)
-    assert (y - y_loop).abs().max() <= 1e-10 and (s - s_loop).abs().max() <= 1e-10
-    g = torch.Generator().manual_seed(1)
-    wy, ws = torch.randn(y.shape, generator=g, dtype=y.dtype), torch.randn(s.shape, generator=g, dtype=y.dtype)
-    loss = lambda y, s: (torch.sin(y) * wy).sum() + (s * ws).sum() + (y ** 2).sum()  # noqa: E731
-    grads_loop = torch.autograd.grad(loss(y_loop, s_loop), x)
-    grads = torch.autograd.grad(loss(y, s), x)
-    for name, a, b in zip(['r', 'logw', 'k', 'v', 'a', 'b', 'state'], grads, grads_loop):
-        assert (a - b).abs().max() <= 1e-8 * max(1.0, b.abs().max().item()), name
+    check_chunked_equals_loop(wkv7_loop, wkv7_chunked, x, ['r', 'logw', 'k', 'v', 'a', 'b', 'state'])
 
 
 @pytest.mark.parametrize('chunk_len', [1, 2, 8, 32])
