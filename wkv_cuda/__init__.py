@@ -127,23 +127,32 @@ class WKVTorch(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------------
 # the compiled kernels
 
-def build_extension(kind, build_directory=None, verbose=False, simd=True):
-    """Compile (or load from torch's extension cache) the 'cpu' or 'cuda' kernels. Sources are found next to this
-    file, so any working directory works. The CUDA build also contains the CPU kernel. simd=False leaves AVX2 out
-    (the portable paths, which the tests build to check them on an AVX2 machine)."""
+# the sources of each op's extension; the CUDA build adds the .cu. RWKV-4's also holds the quantized products.
+SOURCES = {'wkv4': ('wkv_op.cpp', 'wkv_cpu.cpp', 'qlinear_cpu.cpp'), 'wkv5': ('wkv5_op.cpp', 'wkv5_cpu.cpp'),
+           'wkv7': ('wkv7_op.cpp', 'wkv7_cpu.cpp')}
+CUDA_SOURCES = {'wkv4': 'wkv_cuda.cu', 'wkv5': 'wkv5_cuda.cu', 'wkv7': 'wkv7_cuda.cu'}
+EXTENSION_NAMES = {'wkv4': 'nanorwkv_wkv', 'wkv5': 'nanorwkv_wkv5', 'wkv7': 'nanorwkv_wkv7'}
+
+
+def build_extension(kind, build_directory=None, verbose=False, simd=True, op='wkv4', extra_cflags=()):
+    """Compile (or load from torch's extension cache) an op's 'cpu', 'cuda' or 'shim' kernels: wkv4 (RWKV-4, with
+    the quantized products), wkv5 (RWKV-5/6) or wkv7. Sources are found next to this file, so any working directory
+    works. The CUDA build also contains the CPU kernel. 'shim' compiles the .cu with the host compiler against
+    cuda_shim/ and runs its kernels on CPU threads (the tests check the CUDA source that way). simd=False leaves AVX2
+    out (the portable paths, which the tests build to check them on an AVX2 machine)."""
     import logging
     log = logging.getLogger('torch.utils.cpp_extension')
     level = log.level
-    if kind == 'cpu':  # its import-time "No CUDA runtime is found, using CUDA_HOME=..." concerns CUDA builds only
+    if kind != 'cuda':  # its import-time "No CUDA runtime is found, using CUDA_HOME=..." concerns CUDA builds only
         log.setLevel(logging.ERROR)
     try:
         from torch.utils.cpp_extension import load
     finally:
         log.setLevel(level)
-    sources = [HERE / 'wkv_op.cpp', HERE / 'wkv_cpu.cpp', HERE / 'qlinear_cpu.cpp']
-    # -ffast-math lets gcc vectorise expf through glibc's libmvec; the recurrence never produces inf or NaN
-    cflags = ['-O3', '-fopenmp', '-ffast-math']
-    name = f'nanorwkv_wkv_{kind}'
+    sources = [HERE / f for f in SOURCES[op]]
+    # -ffast-math lets gcc vectorise exp() through glibc's libmvec; the recurrences never produce inf or NaN
+    cflags = ['-O3', '-fopenmp', '-ffast-math', *extra_cflags]
+    name = f'{EXTENSION_NAMES[op]}_{kind}'
     if not simd:
         name += '_scalar'
     elif torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512'):
@@ -152,21 +161,36 @@ def build_extension(kind, build_directory=None, verbose=False, simd=True):
         name += '_avx2'
     kwargs = {}
     if kind == 'cuda':
-        sources.append(HERE / 'wkv_cuda.cu')
+        sources.append(HERE / CUDA_SOURCES[op])
         cflags.append('-DWKV_WITH_CUDA')
         kwargs['extra_cuda_cflags'] = ['-O3', '-res-usage', '-Xptxas=-O3']
+    elif kind == 'shim':
+        # the .cu as C++: a one-line file that includes it, built with the shim's cuda_runtime.h / cuda_bf16.h
+        wrapper = Path(build_directory or _default_build_dir(name)) / f'{op}_cuda_as_cpp.cpp'
+        wrapper.parent.mkdir(parents=True, exist_ok=True)
+        text = f'#include "{HERE / CUDA_SOURCES[op]}"\n'
+        if not wrapper.is_file() or wrapper.read_text() != text:
+            wrapper.write_text(text)
+        sources.append(wrapper)
+        cflags += ['-DWKV_WITH_CUDA', '-DCUDA_SHIM', f'-I{HERE / "cuda_shim"}', f'-I{HERE}']
     return load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
                 extra_ldflags=['-fopenmp'], build_directory=build_directory, verbose=verbose, **kwargs)
 
 
-def get_extension(kind):
-    if kind not in _extensions:
-        print(f"wkv: loading the '{kind}' kernel (compiled on first use: about a minute)", file=sys.stderr)
+def _default_build_dir(name):
+    from torch.utils.cpp_extension import _get_build_directory
+    return _get_build_directory(name, verbose=False)
+
+
+def get_extension(kind, op='wkv4'):
+    key = kind if op == 'wkv4' else (op, kind)
+    if key not in _extensions:
+        print(f"wkv: loading the '{kind}' {op} kernel (compiled on first use: about a minute)", file=sys.stderr)
         try:
-            _extensions[kind] = build_extension(kind)
+            _extensions[key] = build_extension(kind, op=op)
         except Exception as e:  # compilers fail in many ways (missing ninja, nvcc, headers): keep the reason
-            _extensions[kind] = e
-    return _extensions[kind]
+            _extensions[key] = e
+    return _extensions[key]
 
 
 def build_hint(kind, error):
@@ -225,9 +249,9 @@ wkv_forward.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------------------
 # the entry point
 
-def resolve_backend(backend, device):
-    """The backend that runs for tensors on `device`. An explicit compiled backend that cannot build is an error;
-    'auto' announces its choice once per device type, with the build error if it fell back."""
+def resolve_backend(backend, device, op='wkv4'):
+    """The backend that runs op for tensors on `device`. An explicit compiled backend that cannot build is an error;
+    'auto' announces its choice once per op and device type, with the build error if it fell back."""
     if backend not in BACKENDS:
         raise ValueError(f"wkv_backend must be one of {BACKENDS}, got {backend!r}")
     if backend == 'torch':
@@ -236,18 +260,20 @@ def resolve_backend(backend, device):
     if backend != 'auto' and backend != kind:
         raise RuntimeError(f"wkv_backend={backend!r} but the tensors are on {device.type}; use wkv_backend='auto' "
                            f"or move the model to {backend}")
-    ext = get_extension(kind)
+    ext = get_extension(kind, op)
+    name = '' if op == 'wkv4' else f' {op}'
     if isinstance(ext, Exception):
         if backend != 'auto':
-            raise RuntimeError(f"wkv_backend={backend!r}: the kernel failed to build: {build_hint(kind, ext)}")
+            raise RuntimeError(f"wkv_backend={backend!r}: the{name} kernel failed to build: {build_hint(kind, ext)}")
         chosen = 'torch'
-        note = f"the '{kind}' kernel failed to build: {build_hint(kind, ext)}; using the pure-PyTorch reference"
+        note = f"the '{kind}'{name} kernel failed to build: {build_hint(kind, ext)}; using the pure-PyTorch reference"
     else:
         chosen = kind
-        note = f"using the compiled '{kind}' kernel"
-    if backend == 'auto' and kind not in _announced:
+        note = f"using the compiled '{kind}'{name} kernel"
+    key = kind if op == 'wkv4' else (op, kind)
+    if backend == 'auto' and key not in _announced:
         print(f"wkv: backend 'auto' on {device.type}: {note}", file=sys.stderr)
-        _announced.add(kind)
+        _announced.add(key)
     return chosen
 
 
