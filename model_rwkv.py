@@ -8,8 +8,8 @@ RWKV language models in one file, versions 4, 5, 6 and 7 of BlinkDL's RWKV-LM wi
 - 6 (x060): RWKV-v5/src/model.py RWKV_Tmix_x060, v5.2 plus data-dependent token shift (a LoRA "ddlerp") and decay;
 - 7 (x070): RWKV-v7/train_temp/src/model.py RWKV_Tmix_x070, the generalized delta rule, a value residual to layer 0's
   value and a receptance-free channel mix.
-Versions 5 to 7 run the pure-PyTorch ops of wkv_cuda/wkv5.py and wkv7.py: chunked in parallel mode, the per-token
-recurrence in RNN mode.
+Every version's WKV op has a compiled CPU and CUDA kernel (wkv_cuda/) and a pure-PyTorch reference; the config's
+wkv_backend picks ('auto': the kernel of the tensors' device).
 
 Two ways to run the same weights:
 - parallel mode, `forward(idx, targets)` / `prefill(idx, state)`: a whole chunk at once, the WKV op over time;
@@ -45,8 +45,8 @@ from checkpoint import hub_or_local, load_hf_directory, load_state_checked
 from moe import MoE, check_moe
 from sampling import generate_tokens
 from wkv_cuda import BACKENDS, initial_state, wkv, wkv_step
-from wkv_cuda.wkv5 import wkv5_chunked, wkv5_loop
-from wkv_cuda.wkv7 import wkv7_chunked, wkv7_loop
+from wkv_cuda.wkv5 import wkv5
+from wkv_cuda.wkv7 import wkv7
 
 
 class L2Wrap(torch.autograd.Function):
@@ -168,7 +168,7 @@ class TimeMix5(nn.Module):
         super().__init__()
         C, N = config.n_embd, config.head_size
         H = C // N
-        self.n_head = H
+        self.n_head, self.backend = H, config.wkv_backend
         ratio_0_to_1, ratio_1_to_almost0 = layer_ratios(layer_id, config.n_layer)
         ramp = channel_ramp(C)  # (1, 1, C)
         mix_k = ramp ** ratio_1_to_almost0
@@ -187,7 +187,7 @@ class TimeMix5(nn.Module):
             self.time_decay, self.time_faaaa = nn.Parameter(decay.view(H, N)), nn.Parameter(bonus.view(H, N))
         add_projections(self, C, H)
 
-    def forward(self, x, x_prev, S, op=wkv5_chunked):
+    def forward(self, x, x_prev, S):
         # x (B, T, C); x_prev (B, C) the input before x[:, 0]; S (B, H, K, V) the state before x
         B, T, C = x.shape
         H, N = self.n_head, C // self.n_head
@@ -201,12 +201,12 @@ class TimeMix5(nn.Module):
         r, k, v = (f(z).view(B, T, H, N) for f, z in ((self.receptance, xr), (self.key, xk), (self.value, xv)))
         g = F.silu(self.gate(xg))
         logw = -torch.exp(at_least_fp32(self.time_decay)).expand(H, N).expand(B, T, H, N)  # w = exp(-exp(decay))
-        y, S = op(r, k, v, logw, self.time_faaaa.expand(H, N), S)  # y (B, T, H, N)
+        y, S = wkv5(r, k, v, logw, self.time_faaaa.expand(H, N), S, self.backend)  # y (B, T, H, N)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         return self.output(y * g), S
 
     def step(self, x, x_prev, S):
-        y, S = self(x[:, None], x_prev, S, op=wkv5_loop)  # the recurrence, one token
+        y, S = self(x[:, None], x_prev, S)  # the recurrence, one token
         return y[:, 0], S
 
 
@@ -218,7 +218,7 @@ class TimeMix6(nn.Module):
         super().__init__()
         C, N = config.n_embd, config.head_size
         H = C // N
-        self.n_head = H
+        self.n_head, self.backend = H, config.wkv_backend
         ratio_0_to_1, ratio_1_to_almost0 = layer_ratios(layer_id, config.n_layer)
         ramp = channel_ramp(C)  # (1, 1, C)
         self.time_maa_x = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)
@@ -237,7 +237,7 @@ class TimeMix6(nn.Module):
         self.time_faaaa = nn.Parameter(bonus.view(H, N))
         add_projections(self, C, H)
 
-    def forward(self, x, x_prev, S, op=wkv5_chunked):
+    def forward(self, x, x_prev, S):
         # x (B, T, C); x_prev (B, C); S (B, H, K, V)
         B, T, C = x.shape
         H, N = self.n_head, C // self.n_head
@@ -252,12 +252,12 @@ class TimeMix6(nn.Module):
         g = F.silu(self.gate(xg))
         w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2  # (B, T, C)
         logw = -torch.exp(at_least_fp32(w)).view(B, T, H, N)  # w_t = exp(-exp(w)), per token
-        y, S = op(r, k, v, logw, self.time_faaaa, S)
+        y, S = wkv5(r, k, v, logw, self.time_faaaa, S, self.backend)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         return self.output(y * g), S
 
     def step(self, x, x_prev, S):
-        y, S = self(x[:, None], x_prev, S, op=wkv5_loop)
+        y, S = self(x[:, None], x_prev, S)
         return y[:, 0], S
 
 
@@ -270,7 +270,7 @@ class TimeMix7(nn.Module):
         super().__init__()
         C, N = config.n_embd, config.head_size
         H = C // N
-        self.n_head, self.layer_id = H, layer_id
+        self.n_head, self.layer_id, self.backend = H, layer_id, config.wkv_backend
         ratio_0_to_1, ratio_1_to_almost0 = layer_ratios(layer_id, config.n_layer)
         ramp = channel_ramp(C)  # (1, 1, C)
         self.x_r = nn.Parameter(1.0 - ramp ** (0.2 * ratio_1_to_almost0))
@@ -307,7 +307,7 @@ class TimeMix7(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
-    def forward(self, x, x_prev, S, v_first, op=wkv7_chunked):
+    def forward(self, x, x_prev, S, v_first):
         # x (B, T, C); x_prev (B, C); S (B, H, V, K); v_first (B, T, C) layer 0's value (None in layer 0)
         B, T, C = x.shape
         H, N = self.n_head, C // self.n_head
@@ -328,13 +328,13 @@ class TimeMix7(nn.Module):
         # decay exp(-e^-0.5 sigmoid(w)): RWKV-LM's kernel takes w' = -softplus(-w) - 0.5 and uses exp(-exp(w'))
         logw = -math.exp(-0.5) * torch.sigmoid(at_least_fp32(w))
         r4, k4, v4 = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N)
-        y, S = op(r4, logw.view(B, T, H, N), k4, v4, -kk, kk * a.view(B, T, H, N), S)
+        y, S = wkv7(r4, logw.view(B, T, H, N), k4, v4, -kk, kk * a.view(B, T, H, N), S, self.backend)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         y = y + ((r4 * k4 * self.r_k).sum(-1, keepdim=True) * v4).view(B, T, C)  # the current token's bonus
         return self.output(y * g), S, v_first
 
     def step(self, x, x_prev, S, v_first):
-        y, S, v_first = self(x[:, None], x_prev, S, None if v_first is None else v_first[:, None], op=wkv7_loop)
+        y, S, v_first = self(x[:, None], x_prev, S, None if v_first is None else v_first[:, None])
         return y[:, 0], S, v_first[:, 0]
 
 
@@ -532,7 +532,7 @@ class RWKVConfig:
     version: float = 4  # 4 | 5 (5.2, x052) | 5.1 (x051a, MicroRWKV's) | 6 (x060) | 7 (x070)
     head_size: int = 64  # versions 5-7: channels per head of the matrix-valued state (n_head = n_embd / head_size)
     lora_dims: tuple = ()  # versions 6 (mix, decay) and 7 (decay, a, v, gate): LoRA widths; () = RWKV-LM's defaults
-    wkv_backend: str = 'auto'  # 'auto' | 'cuda' | 'cpu' | 'torch': the RWKV-4 WKV op (5-7 run wkv5.py / wkv7.py)
+    wkv_backend: str = 'auto'  # 'auto' | 'cuda' | 'cpu' | 'torch': the WKV op's implementation (wkv_cuda/)
     rescale_every: int = 0  # > 0: weights rescaled for fp16 (RWKV.rescale_for_fp16), x halves every N layers
     dropout: float = 0.0  # RWKV-LM's: on the residual stream after each time mix and channel mix, in training
     moe_experts: int = 0  # > 0: each channel mix is a top-k mixture of this many experts (moe.py)

@@ -293,3 +293,81 @@ def wkv(time_decay, time_first, k, v, state=None, backend='auto'):
         y, aa, bb, pp = wkv_forward(w, u, kk.contiguous(), vv.contiguous(), aa.contiguous(), bb.contiguous(),
                                     pp.contiguous())
     return y.to(k.dtype), (aa, bb, pp)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the matrix-state ops of RWKV-5/6 (wkv5.py) and RWKV-7 (wkv7.py) on their compiled kernels
+
+# each op's inputs in the kernels' order, and those that stay in the accumulator dtype (the rest may be bf16 on CUDA)
+MATRIX_INPUTS = {'wkv5': ('r', 'k', 'v', 'logw', 'u'), 'wkv7': ('r', 'logw', 'k', 'v', 'a', 'b')}
+ACC_INPUTS = ('logw', 'u')
+CUDA_HEAD_SIZES = (8, 16, 32, 64)  # the sizes wkv5_cuda.cu and wkv7_cuda.cu are compiled for
+SEG = 16  # WKV5_SEG / WKV7_SEG: the forward keeps the state at the start of every SEG tokens for the backward
+_matrix_ops = {}
+
+
+def _matrix_op(op):
+    """The custom ops nanorwkv::{op}_forward / _backward (torch.compile keeps them in its graph), with autograd.
+    forward(*inputs, s0, keep) -> (y, state, checkpoints); backward(*inputs, checkpoints, gy, gstate) -> the
+    gradients of the inputs and of s0."""
+    if op in _matrix_ops:
+        return _matrix_ops[op]
+    names = MATRIX_INPUTS[op]
+    args = ', '.join(f'Tensor {n}' for n in names)
+    ext = lambda r: get_extension('cuda' if r.is_cuda else 'cpu', op)  # noqa: E731
+    fwd = torch.library.custom_op(f'nanorwkv::{op}_forward', lambda *a: tuple(ext(a[0]).forward(*a)),
+                                  mutates_args=(), schema=f'({args}, Tensor s0, bool keep) -> (Tensor, Tensor, Tensor)')
+    bwd = torch.library.custom_op(f'nanorwkv::{op}_backward', lambda *a: tuple(ext(a[0]).backward(*a)),
+                                  mutates_args=(), schema=f"({args}, Tensor ckpt, Tensor gy, Tensor gs) -> "
+                                                          f"({', '.join(['Tensor'] * (len(names) + 1))})")
+
+    @fwd.register_fake
+    def _(*a):
+        r, s0, keep = a[0], a[-2], a[-1]
+        B, T, H, N = r.shape
+        return torch.empty_like(r), torch.empty_like(s0), s0.new_empty(B if keep else 0, H, (T + SEG - 1) // SEG, N, N)
+
+    @bwd.register_fake
+    def _(*a):
+        return tuple(torch.empty_like(x) for x in a[:len(names)] + (a[-1],))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:len(names)], output[2])
+
+    def backward(ctx, gy, gs, _):
+        *inputs, ckpt = ctx.saved_tensors
+        if ckpt.shape[0] == 0:
+            raise RuntimeError(f"{op}: backward through a forward run with keep=False; run_matrix_op sets keep when a "
+                               "gradient is needed")
+        gs = ckpt.new_zeros(ckpt[:, :, 0].shape) if gs is None else gs.contiguous()
+        gy = torch.zeros_like(inputs[0]) if gy is None else gy.contiguous()
+        return *bwd(*inputs, ckpt, gy, gs), None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    _matrix_ops[op] = fwd
+    return fwd
+
+
+def run_matrix_op(op, inputs, state, backend, reference):
+    """y, state of the 'wkv5' or 'wkv7' op for inputs (a dict in MATRIX_INPUTS order) on the backend chosen by
+    resolve_backend; reference(*inputs, state) is the pure-PyTorch form run for 'torch' (and for a head size the
+    CUDA kernel is not compiled for, under 'auto'). y comes back in r's dtype, the state in fp32 (fp64)."""
+    r = inputs['r']
+    B, T, H, N = r.shape
+    chosen = resolve_backend(backend, r.device, op)
+    if chosen == 'cuda' and N not in CUDA_HEAD_SIZES:
+        if backend == 'cuda':
+            raise ValueError(f"wkv_backend='cuda': the {op} kernel is compiled for head sizes {CUDA_HEAD_SIZES}, not "
+                             f"{N}; use wkv_backend='torch' or one of those head sizes")
+        chosen = 'torch'
+    if chosen == 'torch':
+        return reference(*inputs.values(), state)
+    acc, dtype = (torch.float64 if r.dtype == torch.float64 else torch.float32), r.dtype
+    # the CPU kernel reads the accumulator dtype; the CUDA one also bf16 (fp16 goes through fp32)
+    inp = dtype if chosen == 'cuda' and dtype in (torch.bfloat16, acc) else acc
+    with torch.autocast(r.device.type, enabled=False):
+        xs = [x.to(acc if name in ACC_INPUTS else inp).contiguous() for name, x in inputs.items()]
+        s0 = torch.zeros(B, H, N, N, dtype=acc, device=r.device) if state is None else state.to(acc).contiguous()
+        keep = torch.is_grad_enabled() and any(x.requires_grad for x in xs + [s0])
+        y, S, _ = _matrix_op(op)(*xs, s0, keep)
+    return y.to(dtype), S

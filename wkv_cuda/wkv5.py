@@ -104,3 +104,15 @@ def wkv5_chunked(r, k, v, logw, u, state=None, chunk_len=16):
     y = y + torch.stack(ys, dim=2)  # (B, H, n, L, V)
     y = y.permute(0, 2, 3, 1, 4).reshape(B, n * L, H, N)[:, :T]  # (B, T, H, N)
     return y.to(dtype), S
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the compiled kernels (wkv5_cpu.cpp, wkv5_cuda.cu)
+
+def wkv5(r, k, v, logw, u, state=None, backend='auto'):
+    """The RWKV-5/6 WKV op on the backend of `wkv_backend` (wkv_cuda.resolve_backend): the compiled kernel of the
+    tensors' device, or 'torch', the chunked form (the per-token loop for T = 1). Same arguments and results as
+    wkv5_loop; gradients flow to every input and the incoming state."""
+    from wkv_cuda import run_matrix_op
+    return run_matrix_op('wkv5', dict(r=r, k=k, v=v, logw=logw, u=u), state, backend,
+                         wkv5_loop if r.shape[1] == 1 else wkv5_chunked)

@@ -98,74 +98,12 @@ def wkv7_chunked(r, logw, k, v, a, b, state=None, chunk_len=16):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the compiled kernels (wkv7_cpu.cpp, wkv7_cuda.cu), registered as custom ops so torch.compile keeps them in its graph
-
-Tensor = torch.Tensor
-
-
-def _ext(r):
-    from wkv_cuda import get_extension
-    return get_extension('cuda' if r.is_cuda else 'cpu', 'wkv7')
-
-
-@torch.library.custom_op('nanorwkv::wkv7_forward', mutates_args=())
-def wkv7_forward(r: Tensor, logw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-                 s0: Tensor) -> tuple[Tensor, Tensor]:
-    return tuple(_ext(r).forward(r, logw, k, v, a, b, s0))
-
-
-@torch.library.custom_op('nanorwkv::wkv7_backward', mutates_args=())
-def wkv7_backward(r: Tensor, logw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor, gy: Tensor,
-                  gs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_ext(r).backward(r, logw, k, v, a, b, s0, gy, gs))
-
-
-@wkv7_forward.register_fake
-def _(r, logw, k, v, a, b, s0):
-    return torch.empty_like(r), torch.empty_like(s0)
-
-
-@wkv7_backward.register_fake
-def _(r, logw, k, v, a, b, s0, gy, gs):
-    return tuple(torch.empty_like(x) for x in (r, logw, k, v, a, b, s0))
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, gy, gs):
-    saved = ctx.saved_tensors
-    gs = torch.zeros_like(saved[-1]) if gs is None else gs.contiguous()
-    gy = torch.zeros_like(saved[0]) if gy is None else gy.contiguous()
-    return wkv7_backward(*saved, gy, gs)
-
-
-wkv7_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-CUDA_HEAD_SIZES = (8, 16, 32, 64)  # wkv7_cuda.cu's compiled sizes
-
+# the compiled kernels (wkv7_cpu.cpp, wkv7_cuda.cu)
 
 def wkv7(r, logw, k, v, a, b, state=None, backend='auto'):
     """The RWKV-7 WKV op on the backend of `wkv_backend` (wkv_cuda.resolve_backend): the compiled kernel of the
     tensors' device, or 'torch', the chunked form (the per-token loop for T = 1). Same arguments and results as
     wkv7_loop; gradients flow to every input and the incoming state."""
-    from wkv_cuda import resolve_backend
-    B, T, H, N = r.shape
-    chosen = resolve_backend(backend, r.device, 'wkv7')
-    if chosen == 'cuda' and N not in CUDA_HEAD_SIZES:
-        if backend == 'cuda':
-            raise ValueError(f"wkv_backend='cuda': the RWKV-7 kernel is compiled for head sizes {CUDA_HEAD_SIZES}, "
-                             f"not {N}; use wkv_backend='torch' or one of those head sizes")
-        chosen = 'torch'
-    if chosen == 'torch':
-        return (wkv7_loop if T == 1 else wkv7_chunked)(r, logw, k, v, a, b, state)
-    acc = _acc(r)
-    # the CPU kernel reads the accumulator dtype; the CUDA one also bf16 (fp16 goes through fp32)
-    inp = r.dtype if chosen == 'cuda' and r.dtype in (torch.bfloat16, acc) else acc
-    with torch.autocast(r.device.type, enabled=False):
-        s0 = torch.zeros(B, H, N, N, dtype=acc, device=r.device) if state is None else state.to(acc)
-        r, k, v, a, b = (x.to(inp).contiguous() for x in (r, k, v, a, b))
-        y, S = wkv7_forward(r, logw.to(acc).contiguous(), k, v, a, b, s0.contiguous())
-    return y, S
+    from wkv_cuda import run_matrix_op
+    return run_matrix_op('wkv7', dict(r=r, logw=logw, k=k, v=v, a=a, b=b), state, backend,
+                         wkv7_loop if r.shape[1] == 1 else wkv7_chunked)

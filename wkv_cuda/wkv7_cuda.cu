@@ -3,10 +3,10 @@
 // RWKV-v7/train_temp/cuda/wkv7_cuda.cu. The math is wkv7_math.h's.
 // Inputs may be bfloat16; logw, the state and all arithmetic are fp32 (fp64 for fp64 inputs), and the incoming state
 // and the gradients of both states are part of the op, so segmented training gets exact gradients.
-// Backward: the forward runs again writing the state every SEG tokens to a checkpoint buffer in global memory (T/SEG
-// states per head instead of T: RWKV-LM keeps every 16th too, but steps back by dividing by w, which is inexact when
-// decays are strong); then, one segment at a time from the end, the segment's states are recomputed from its
-// checkpoint into a (SEG + 1)-state buffer and walked back. Thread i owns row i and column i of dL/dS (RWKV-LM's
+// Backward: the forward writes the state at the start of every SEG tokens to a checkpoint buffer in global memory
+// (T/SEG states per head instead of T; RWKV-LM keeps every 16th too, but steps back by dividing by w, which is
+// inexact when decays are strong); the backward, one segment at a time from the end, recomputes the segment's states
+// from its checkpoint into a (SEG + 1)-state scratch buffer and walks them back. Thread i owns row i and column i of dL/dS (RWKV-LM's
 // kernel keeps both too): row sums (gv, gsa) need rows, column sums (gr, gw, gk, ga, gb) columns, and nothing is summed
 // across threads except through shared memory. Any T, no compile-time T; head sizes 8, 16, 32 and 64 (compiled per size; 128 would spill registers in fp64).
 // Launches are spelled KERNEL_LAUNCH(...) so that wkv_cuda/cuda_shim can run this file on CPU threads. No torch headers.
@@ -23,7 +23,7 @@
 #endif
 
 namespace {
-constexpr int SEG = 16;
+constexpr int SEG = WKV7_SEG;
 
 template <typename IN, typename ACC>
 struct Cvt {
@@ -41,18 +41,18 @@ template <> struct Dev<uint16_t> { using type = __nv_bfloat16; };
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 
-__host__ __device__ int64_t segments(int64_t T) { return (T + SEG - 1) / SEG; }
-// per head: nseg checkpoints, SEG + 1 states of the segment being walked back, and its SEG sa vectors
-__host__ __device__ int64_t scratch_per_head(int64_t nseg, int64_t N) { return (nseg + SEG + 1) * N * N + SEG * N; }
+// per head: the SEG + 1 states of the segment being walked back, and its SEG sa vectors
+__host__ __device__ int64_t scratch_per_head(int64_t N) { return (SEG + 1) * N * N + SEG * N; }
 
 template <int N, typename IN, typename ACC>
 __global__ void __launch_bounds__(N) forward_kernel(int64_t T, int64_t H, const IN *__restrict__ r,
                                                     const ACC *__restrict__ logw, const IN *__restrict__ k,
                                                     const IN *__restrict__ v, const IN *__restrict__ a,
                                                     const IN *__restrict__ b, const ACC *__restrict__ s0,
-                                                    IN *__restrict__ y, ACC *__restrict__ sT) {
+                                                    IN *__restrict__ y, ACC *__restrict__ sT,
+                                                    ACC *__restrict__ ckpt) {
     using C = Cvt<IN, ACC>;
-    const int64_t bh = blockIdx.x, bb = bh / H, h = bh % H;
+    const int64_t bh = blockIdx.x, bb = bh / H, h = bh % H, nseg = (T + SEG - 1) / SEG;
     const int i = threadIdx.x;
     __shared__ ACC r_[N], w_[N], k_[N], a_[N], b_[N];
     ACC s[N];  // row i of the state
@@ -60,6 +60,10 @@ __global__ void __launch_bounds__(N) forward_kernel(int64_t T, int64_t H, const 
     for (int j = 0; j < N; j++) s[j] = s0[(bh * N + i) * N + j];
     for (int64_t t = 0; t < T; t++) {
         const int64_t o = ((bb * T + t) * H + h) * N + i;
+        if (ckpt && t % SEG == 0) {
+#pragma unroll
+            for (int j = 0; j < N; j++) ckpt[((bh * nseg + t / SEG) * N + i) * N + j] = s[j];
+        }
         __syncthreads();  // the previous token's readers are done with the shared vectors
         r_[i] = C::load(r[o]);
         w_[i] = exp_acc(logw[o]);
@@ -86,15 +90,15 @@ __global__ void __launch_bounds__(N) forward_kernel(int64_t T, int64_t H, const 
 template <int N, typename IN, typename ACC>
 __global__ void __launch_bounds__(N) backward_kernel(
     int64_t T, int64_t H, const IN *__restrict__ r, const ACC *__restrict__ logw, const IN *__restrict__ k,
-    const IN *__restrict__ v, const IN *__restrict__ a, const IN *__restrict__ b, const ACC *__restrict__ s0,
+    const IN *__restrict__ v, const IN *__restrict__ a, const IN *__restrict__ b, const ACC *__restrict__ ckpt,
     const IN *__restrict__ gy, const ACC *__restrict__ gsT, IN *__restrict__ gr, ACC *__restrict__ glogw,
     IN *__restrict__ gk, IN *__restrict__ gv, IN *__restrict__ ga, IN *__restrict__ gb, ACC *__restrict__ gs0,
     ACC *__restrict__ scratch) {
     using C = Cvt<IN, ACC>;
     constexpr int NN = N * N;
-    const int64_t bh = blockIdx.x, bb = bh / H, h = bh % H, nseg = segments(T);
+    const int64_t bh = blockIdx.x, bb = bh / H, h = bh % H, nseg = (T + SEG - 1) / SEG;
     const int i = threadIdx.x;
-    ACC *ckpt = scratch + bh * scratch_per_head(nseg, N), *seg = ckpt + nseg * NN, *sa_seg = seg + (SEG + 1) * NN;
+    ACC *seg = scratch + bh * scratch_per_head(N), *sa_seg = seg + (SEG + 1) * NN;
     __shared__ ACC r_[N], w_[N], k_[N], a_[N], b_[N], v_[N], gy_[N], sa_[N], gsa_[N];
     ACC s[N];
 
@@ -116,16 +120,6 @@ __global__ void __launch_bounds__(N) backward_kernel(
         return sa;
     };
 
-#pragma unroll
-    for (int j = 0; j < N; j++) s[j] = s0[(bh * N + i) * N + j];
-    for (int64_t t = 0; t < T; t++) {  // the checkpoints (each thread writes and later reads only its own row)
-        if (t % SEG == 0) {
-#pragma unroll
-            for (int j = 0; j < N; j++) ckpt[(t / SEG) * NN + i * N + j] = s[j];
-        }
-        forward_row(t);
-    }
-
     ACC dr[N], dc[N];  // row i and column i of dL/dS
 #pragma unroll
     for (int j = 0; j < N; j++) {
@@ -136,7 +130,7 @@ __global__ void __launch_bounds__(N) backward_kernel(
         const int64_t t0 = sg * SEG, t1 = t0 + SEG < T ? t0 + SEG : T;
         __syncthreads();  // every thread is done reading the previous segment's states
 #pragma unroll
-        for (int j = 0; j < N; j++) seg[i * N + j] = s[j] = ckpt[sg * NN + i * N + j];
+        for (int j = 0; j < N; j++) seg[i * N + j] = s[j] = ckpt[(bh * nseg + sg) * NN + i * N + j];
         for (int64_t t = t0; t < t1; t++) {  // seg[m] = the state before token t0 + m
             const int64_t m = t - t0;
             sa_seg[m * N + i] = forward_row(t);
@@ -202,16 +196,16 @@ const char *unsupported() { return "wkv7: the CUDA kernel is compiled for head s
 
 template <int N, typename D, typename ACC>
 const char *launch_forward(int64_t B, int64_t T, int64_t H, const D *r, const ACC *logw, const D *k, const D *v,
-                           const D *a, const D *b, const ACC *s0, D *y, ACC *sT, cudaStream_t stream) {
-    KERNEL_LAUNCH((forward_kernel<N, D, ACC>), B * H, N, stream)(T, H, r, logw, k, v, a, b, s0, y, sT);
+                           const D *a, const D *b, const ACC *s0, D *y, ACC *sT, ACC *ckpt, cudaStream_t stream) {
+    KERNEL_LAUNCH((forward_kernel<N, D, ACC>), B * H, N, stream)(T, H, r, logw, k, v, a, b, s0, y, sT, ckpt);
     return last_error();
 }
 
 template <int N, typename D, typename ACC>
 const char *launch_backward(int64_t B, int64_t T, int64_t H, const D *r, const ACC *logw, const D *k, const D *v,
-                            const D *a, const D *b, const ACC *s0, const D *gy, const ACC *gsT, D *gr, ACC *glogw,
+                            const D *a, const D *b, const ACC *ckpt, const D *gy, const ACC *gsT, D *gr, ACC *glogw,
                             D *gk, D *gv, D *ga, D *gb, ACC *gs0, ACC *scratch, cudaStream_t stream) {
-    KERNEL_LAUNCH((backward_kernel<N, D, ACC>), B * H, N, stream)(T, H, r, logw, k, v, a, b, s0, gy, gsT, gr, glogw,
+    KERNEL_LAUNCH((backward_kernel<N, D, ACC>), B * H, N, stream)(T, H, r, logw, k, v, a, b, ckpt, gy, gsT, gr, glogw,
                                                                   gk, gv, ga, gb, gs0, scratch);
     return last_error();
 }
@@ -227,20 +221,20 @@ bool wkv7_cuda_head_size(int64_t N) {
 }
 
 int64_t wkv7_scratch_size(int64_t B, int64_t T, int64_t H, int64_t N) {
-    return B * H * scratch_per_head(segments(T), N);
+    return B * H * scratch_per_head(N);
 }
 
 template <typename IN, typename ACC>
 const char *wkv7_forward_cuda(int64_t B, int64_t T, int64_t H, int64_t N, const IN *r, const ACC *logw,
                               const IN *k, const IN *v, const IN *a, const IN *b, const ACC *s0, IN *y, ACC *sT,
-                              void *stream) {
+                              ACC *ckpt, void *stream) {
     using D = typename Dev<IN>::type;
     const auto d = [](const IN *p) { return reinterpret_cast<const D *>(p); };
     switch (N) {
 #define WKV7_CASE(NH)                                                                                              \
     case NH:                                                                                                       \
         return launch_forward<NH, D, ACC>(B, T, H, d(r), logw, d(k), d(v), d(a), d(b), s0,                          \
-                                          reinterpret_cast<D *>(y), sT, static_cast<cudaStream_t>(stream));
+                                          reinterpret_cast<D *>(y), sT, ckpt, static_cast<cudaStream_t>(stream));
         WKV7_HEAD_SIZES(WKV7_CASE)
 #undef WKV7_CASE
         default: return unsupported();
@@ -249,7 +243,7 @@ const char *wkv7_forward_cuda(int64_t B, int64_t T, int64_t H, int64_t N, const 
 
 template <typename IN, typename ACC>
 const char *wkv7_backward_cuda(int64_t B, int64_t T, int64_t H, int64_t N, const IN *r, const ACC *logw,
-                               const IN *k, const IN *v, const IN *a, const IN *b, const ACC *s0, const IN *gy,
+                               const IN *k, const IN *v, const IN *a, const IN *b, const ACC *ckpt, const IN *gy,
                                const ACC *gsT, IN *gr, ACC *glogw, IN *gk, IN *gv, IN *ga, IN *gb, ACC *gs0,
                                ACC *scratch, void *stream) {
     using D = typename Dev<IN>::type;
@@ -258,7 +252,7 @@ const char *wkv7_backward_cuda(int64_t B, int64_t T, int64_t H, int64_t N, const
     switch (N) {
 #define WKV7_CASE(NH)                                                                                              \
     case NH:                                                                                                       \
-        return launch_backward<NH, D, ACC>(B, T, H, d(r), logw, d(k), d(v), d(a), d(b), s0, d(gy), gsT, m(gr),      \
+        return launch_backward<NH, D, ACC>(B, T, H, d(r), logw, d(k), d(v), d(a), d(b), ckpt, d(gy), gsT, m(gr),      \
                                            glogw, m(gk), m(gv), m(ga), m(gb), gs0, scratch,                         \
                                            static_cast<cudaStream_t>(stream));
         WKV7_HEAD_SIZES(WKV7_CASE)
@@ -270,7 +264,7 @@ const char *wkv7_backward_cuda(int64_t B, int64_t T, int64_t H, int64_t N, const
 #define WKV7_INSTANTIATE(IN, ACC)                                                                                   \
     template const char *wkv7_forward_cuda<IN, ACC>(int64_t, int64_t, int64_t, int64_t, const IN *, const ACC *,   \
                                                     const IN *, const IN *, const IN *, const IN *, const ACC *,   \
-                                                    IN *, ACC *, void *);                                          \
+                                                    IN *, ACC *, ACC *, void *);                                          \
     template const char *wkv7_backward_cuda<IN, ACC>(int64_t, int64_t, int64_t, int64_t, const IN *, const ACC *,  \
                                                      const IN *, const IN *, const IN *, const IN *, const ACC *,  \
                                                      const IN *, const ACC *, IN *, ACC *, IN *, IN *, IN *, IN *, \

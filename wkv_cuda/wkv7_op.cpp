@@ -89,10 +89,13 @@ void *stream() {
 #endif
 }  // namespace
 
-std::vector<Tensor> forward(Tensor r, Tensor logw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0) {
+// keep: also return the checkpoints the backward needs (else an empty tensor)
+std::vector<Tensor> forward(Tensor r, Tensor logw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, bool keep) {
     const auto s = check_inputs(r, logw, k, v, a, b, s0);
     auto y = torch::empty_like(r);
     auto sT = torch::empty_like(s0);
+    auto ckpt = torch::empty({keep ? s.B : 0, s.H, wkv7_segments(s.T), s.N, s.N}, s0.options());
+    auto *ck = keep ? ckpt.data_ptr() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, r.scalar_type(), "wkv7_forward", [&] {
         using IN = typename Raw<scalar_t>::type;
         using ACC = Acc<scalar_t>;
@@ -104,28 +107,32 @@ std::vector<Tensor> forward(Tensor r, Tensor logw, Tensor k, Tensor v, Tensor a,
             check_launch(wkv7_forward_cuda<IN, ACC>(s.B, s.T, s.H, s.N, ptr<const IN>(r), ptr<const ACC>(logw),
                                                     ptr<const IN>(k), ptr<const IN>(v), ptr<const IN>(a),
                                                     ptr<const IN>(b), ptr<const ACC>(s0), ptr<IN>(y), ptr<ACC>(sT),
-                                                    stream()));
+                                                    static_cast<ACC *>(ck), stream()));
 #else
             no_cuda();
 #endif
         } else if constexpr (std::is_same_v<IN, ACC>) {
             wkv7_forward_cpu<ACC>(s.B, s.T, s.H, s.N, ptr<const ACC>(r), ptr<const ACC>(logw), ptr<const ACC>(k),
                                   ptr<const ACC>(v), ptr<const ACC>(a), ptr<const ACC>(b), ptr<const ACC>(s0),
-                                  ptr<ACC>(y), ptr<ACC>(sT));
+                                  ptr<ACC>(y), ptr<ACC>(sT), static_cast<ACC *>(ck));
         }
     });
-    return {y, sT};
+    return {y, sT, ckpt};
 }
 
-// returns the gradients of r, logw, k, v, a, b and of the incoming state
-std::vector<Tensor> backward(Tensor r, Tensor logw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, Tensor gy,
+// from the forward's checkpoints: the gradients of r, logw, k, v, a, b and of the incoming state
+std::vector<Tensor> backward(Tensor r, Tensor logw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor ckpt, Tensor gy,
                              Tensor gsT) {
-    const auto s = check_inputs(r, logw, k, v, a, b, s0);
+    TORCH_CHECK(ckpt.dim() == 5 && ckpt.size(0) == r.size(0), "wkv7: the checkpoints must come from forward(..., "
+                "keep=True), got shape ", ckpt.sizes());
+    const auto s0 = ckpt.select(2, 0);
+    const auto s = check_inputs(r, logw, k, v, a, b, s0.contiguous());
+    check(ckpt, "the checkpoints", {s.B, s.H, wkv7_segments(s.T), s.N, s.N}, s0.scalar_type(), r.device());
     check(gy, "gy", r.sizes(), r.scalar_type(), r.device());
     check(gsT, "the gradient of the state", s0.sizes(), s0.scalar_type(), r.device());
     auto gr = torch::empty_like(r), gk = torch::empty_like(k), gv = torch::empty_like(v);
     auto ga = torch::empty_like(a), gb = torch::empty_like(b);
-    auto glogw = torch::empty_like(logw), gs0 = torch::empty_like(s0);
+    auto glogw = torch::empty_like(logw), gs0 = torch::empty_like(gsT);
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, r.scalar_type(), "wkv7_backward", [&] {
         using IN = typename Raw<scalar_t>::type;
         using ACC = Acc<scalar_t>;
@@ -137,7 +144,7 @@ std::vector<Tensor> backward(Tensor r, Tensor logw, Tensor k, Tensor v, Tensor a
             auto scratch = torch::empty({wkv7_scratch_size(s.B, s.T, s.H, s.N)}, s0.options());
             check_launch(wkv7_backward_cuda<IN, ACC>(
                 s.B, s.T, s.H, s.N, ptr<const IN>(r), ptr<const ACC>(logw), ptr<const IN>(k), ptr<const IN>(v),
-                ptr<const IN>(a), ptr<const IN>(b), ptr<const ACC>(s0), ptr<const IN>(gy), ptr<const ACC>(gsT),
+                ptr<const IN>(a), ptr<const IN>(b), ptr<const ACC>(ckpt), ptr<const IN>(gy), ptr<const ACC>(gsT),
                 ptr<IN>(gr), ptr<ACC>(glogw), ptr<IN>(gk), ptr<IN>(gv), ptr<IN>(ga), ptr<IN>(gb), ptr<ACC>(gs0),
                 ptr<ACC>(scratch), stream()));
 #else
@@ -145,7 +152,7 @@ std::vector<Tensor> backward(Tensor r, Tensor logw, Tensor k, Tensor v, Tensor a
 #endif
         } else if constexpr (std::is_same_v<IN, ACC>) {
             wkv7_backward_cpu<ACC>(s.B, s.T, s.H, s.N, ptr<const ACC>(r), ptr<const ACC>(logw), ptr<const ACC>(k),
-                                   ptr<const ACC>(v), ptr<const ACC>(a), ptr<const ACC>(b), ptr<const ACC>(s0),
+                                   ptr<const ACC>(v), ptr<const ACC>(a), ptr<const ACC>(b), ptr<const ACC>(ckpt),
                                    ptr<const ACC>(gy), ptr<const ACC>(gsT), ptr<ACC>(gr), ptr<ACC>(glogw),
                                    ptr<ACC>(gk), ptr<ACC>(gv), ptr<ACC>(ga), ptr<ACC>(gb), ptr<ACC>(gs0));
         }
@@ -154,7 +161,7 @@ std::vector<Tensor> backward(Tensor r, Tensor logw, Tensor k, Tensor v, Tensor a
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("forward", &forward, "RWKV-7 WKV forward: (r, logw, k, v, a, b, state) -> (y, state)");
+    m.def("forward", &forward, "RWKV-7 WKV forward: (r, logw, k, v, a, b, state, keep) -> (y, state, checkpoints)");
     m.def("backward", &backward,
-          "RWKV-7 WKV backward: (r, logw, k, v, a, b, state, gy, gstate) -> (gr, glogw, gk, gv, ga, gb, gstate)");
+          "RWKV-7 WKV backward: (r, logw, k, v, a, b, checkpoints, gy, gstate) -> (gr, glogw, gk, gv, ga, gb, gstate)");
 }
