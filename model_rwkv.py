@@ -543,6 +543,11 @@ class RWKVConfig:
     attn_window: int = 0  # > 0: an attention layer sees the last attn_window tokens (Mistral); 0 = all before
     attn_kv_heads: int = 0  # grouped-query attention: K/V heads shared by the n_head query heads; 0 = n_head
 
+    @property
+    def wkv_op(self):
+        """The wkv_cuda kernel this version's time mix runs: 'wkv4', 'wkv5' (RWKV-5, 5.1 and 6) or 'wkv7'."""
+        return {4: 'wkv4', 7: 'wkv7'}.get(self.version, 'wkv5')
+
     def __post_init__(self):
         for key in ('block_size', 'vocab_size', 'n_layer', 'n_embd'):
             if getattr(self, key) < 1:

@@ -84,8 +84,8 @@ OPTIONS = dict(
                         (4, 5, 5.1, 6, 7)),
     head_size=Option(64, "rwkv 5-7: channels per head of the matrix-valued state (n_embd must be a multiple)",
                      '>= 1'),
-    wkv_backend=Option('auto', "rwkv 4 only: the WKV implementation (5-7 run the chunked ops of wkv_cuda/)",
-                       BACKENDS),
+    wkv_backend=Option('auto', "rwkv only: the WKV op's implementation: the compiled kernel of the device ('auto'), "
+                       "'cpu', 'cuda', or 'torch' (pure PyTorch, the reference)", BACKENDS),
     rwkv_lr_scale=Option(True, "rwkv only: RWKV-LM's layerwise_lr (time_decay and v7's w0 x2, v4's time_first x3)"),
     attn_layers=Option([], "rwkv only: blocks whose time mix is causal softmax attention (a hybrid), e.g. [3]",
                        '>= 0'),
@@ -368,7 +368,7 @@ def main(argv):
     model.to(device)
     if cfg.model_type == 'rwkv':
         try:  # build (or load) the kernel now: a failure is a one-line error before training starts
-            resolve_backend(model.config.wkv_backend, torch.device(device))
+            resolve_backend(model.config.wkv_backend, torch.device(device), model.config.wkv_op)
         except RuntimeError as e:
             raise ConfigError(str(e)) from e
     if master:

@@ -196,3 +196,34 @@ def check_chunked_equals_loop(loop, chunked, x, names):
     grads = torch.autograd.grad(loss(y, s), x)
     for name, a, b in zip(names, grads, grads_loop, strict=True):
         assert (a - b).abs().max() <= 1e-8 * max(1.0, b.abs().max().item()), name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the matrix-state WKV ops (RWKV-5/6, RWKV-7)
+
+def wkv5_inputs(B=2, T=64, H=3, N=8, per_token=True, strong=False, dtype=torch.float64, seed=0):
+    """Inputs (r, k, v, logw, u, state) of the RWKV-5/6 op, leaves that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    r, k, v = (torch.randn(B, T, H, N, generator=g, dtype=dtype) for _ in range(3))
+    if per_token:  # RWKV-6: data-dependent decay, log w = -exp(.) as x060's w = exp(-exp(w))
+        logw = -torch.exp(torch.randn(B, T, H, N, generator=g, dtype=dtype) - 1 + (2.5 if strong else 0))
+    else:  # RWKV-5: one decay per channel, the same at every token
+        logw = (-torch.exp(torch.randn(H, N, generator=g, dtype=dtype) - 1)).expand(B, T, H, N)
+    if strong:
+        logw = logw.clamp(min=-20)  # decays down to e^-20 per token, as v6 reaches
+    u = torch.randn(H, N, generator=g, dtype=dtype)
+    state = torch.randn(B, H, N, N, generator=g, dtype=dtype)
+    return [x.clone().requires_grad_() for x in (r, k, v, logw, u, state)]
+
+
+def wkv7_inputs(B=2, T=64, H=3, N=8, dtype=torch.float64, seed=0, strong=False):
+    """Inputs (r, logw, k, v, a, b, state) of the RWKV-7 op, leaves that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    r, k, v = (torch.randn(B, T, H, N, generator=g, dtype=dtype) for _ in range(3))
+    # RWKV-7's decay: log w = -e^-0.5 sigmoid(.), in (-0.607, 0); strong = every decay near that bound
+    z = torch.randn(B, T, H, N, generator=g, dtype=dtype) + (6.0 if strong else 0.0)
+    logw = -torch.exp(torch.tensor(-0.5, dtype=dtype)) * torch.sigmoid(z)
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g, dtype=dtype), dim=-1)
+    iclr = torch.sigmoid(torch.randn(B, T, H, N, generator=g, dtype=dtype))  # "in-context learning rate" in (0, 1)
+    state = torch.randn(B, H, N, N, generator=g, dtype=dtype)
+    return [x.clone().requires_grad_() for x in (r, logw, k, v, -kk, kk * iclr, state)]

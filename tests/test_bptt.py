@@ -29,11 +29,12 @@ def assert_grads_close(got, want, rtol):
         assert err <= rtol, f"{n}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize('version', [4, 5, 6, 7])
 @pytest.mark.parametrize('backend', ['torch', 'cpu'])
 @pytest.mark.parametrize('block_size,n_segments', [(29, 1), (15, 2), (10, 3), (4, 8)])
-def test_full_bptt_equals_one_full_length_pass(block_size, n_segments, backend):
+def test_full_bptt_equals_one_full_length_pass(block_size, n_segments, backend, version):
     assert len(segments(T, block_size)) == n_segments  # T = 29 is prime: the last segment is shorter
-    model = tiny_rwkv(torch.float64, wkv_backend=backend).train()
+    model = tiny_rwkv(torch.float64, wkv_backend=backend, version=version, head_size=4).train()
     idx, targets = data()
     _, loss = model(idx, targets)
     loss.backward()

@@ -5,21 +5,8 @@ import pytest
 import torch
 
 from helpers import check_chunked_equals_loop
+from helpers import wkv5_inputs as inputs
 from wkv_cuda.wkv5 import wkv5_chunked, wkv5_loop
-
-
-def inputs(B=2, T=64, H=3, N=8, per_token=True, strong=False, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r, k, v = (torch.randn(B, T, H, N, generator=g, dtype=dtype) for _ in range(3))
-    if per_token:  # RWKV-6: data-dependent decay, log w = -exp(.) as x060's w = exp(-exp(w))
-        logw = -torch.exp(torch.randn(B, T, H, N, generator=g, dtype=dtype) - 1 + (2.5 if strong else 0))
-    else:  # RWKV-5: one decay per channel, the same at every token
-        logw = (-torch.exp(torch.randn(H, N, generator=g, dtype=dtype) - 1)).expand(B, T, H, N)
-    if strong:
-        logw = logw.clamp(min=-20)  # decays down to e^-20 per token, as v6 reaches
-    u = torch.randn(H, N, generator=g, dtype=dtype)
-    state = torch.randn(B, H, N, N, generator=g, dtype=dtype)
-    return [x.clone().requires_grad_() for x in (r, k, v, logw, u, state)]
 
 
 def definition(r, k, v, logw, u, state):

@@ -5,19 +5,8 @@ import pytest
 import torch
 
 from helpers import check_chunked_equals_loop
+from helpers import wkv7_inputs as inputs
 from wkv_cuda.wkv7 import wkv7_chunked, wkv7_loop
-
-
-def inputs(B=2, T=64, H=3, N=8, dtype=torch.float64, seed=0, strong=False):
-    g = torch.Generator().manual_seed(seed)
-    r, k, v = (torch.randn(B, T, H, N, generator=g, dtype=dtype) for _ in range(3))
-    # RWKV-7's decay: log w = -e^-0.5 sigmoid(.), in (-0.607, 0); strong = every decay near that bound
-    z = torch.randn(B, T, H, N, generator=g, dtype=dtype) + (6.0 if strong else 0.0)
-    logw = -torch.exp(torch.tensor(-0.5, dtype=dtype)) * torch.sigmoid(z)
-    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g, dtype=dtype), dim=-1)
-    iclr = torch.sigmoid(torch.randn(B, T, H, N, generator=g, dtype=dtype))  # "in-context learning rate" in (0, 1)
-    state = torch.randn(B, H, N, N, generator=g, dtype=dtype)
-    return [x.clone().requires_grad_() for x in (r, logw, k, v, -kk, kk * iclr, state)]
 
 
 def definition(r, logw, k, v, a, b, state):

@@ -45,7 +45,7 @@ __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __host__ __device__ int64_t scratch_per_head(int64_t N) { return (SEG + 1) * N * N + SEG * N; }
 
 template <int N, typename IN, typename ACC>
-__global__ void __launch_bounds__(N) forward_kernel(int64_t T, int64_t H, const IN *__restrict__ r,
+__global__ void __launch_bounds__(N, 1) forward_kernel(int64_t T, int64_t H, const IN *__restrict__ r,
                                                     const ACC *__restrict__ logw, const IN *__restrict__ k,
                                                     const IN *__restrict__ v, const IN *__restrict__ a,
                                                     const IN *__restrict__ b, const ACC *__restrict__ s0,
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(N) forward_kernel(int64_t T, int64_t H, const 
 }
 
 template <int N, typename IN, typename ACC>
-__global__ void __launch_bounds__(N) backward_kernel(
+__global__ void __launch_bounds__(N, 1) backward_kernel(
     int64_t T, int64_t H, const IN *__restrict__ r, const ACC *__restrict__ logw, const IN *__restrict__ k,
     const IN *__restrict__ v, const IN *__restrict__ a, const IN *__restrict__ b, const ACC *__restrict__ ckpt,
     const IN *__restrict__ gy, const ACC *__restrict__ gsT, IN *__restrict__ gr, ACC *__restrict__ glogw,

@@ -4,7 +4,8 @@
 // training cannot overflow or lose the sums to rounding (the source of RWKV-LM's bf16 NaN reports).
 // No compile-time T_MAX: the backward recomputes the state before every token into a scratch buffer in global
 // memory instead of a per-thread array, so any T runs with one build. No B * C % 32 requirement: threads past the
-// end return. Deliberately no torch headers here, so this file compiles in seconds.
+// end return. Deliberately no torch headers here, so this file compiles in seconds. Launches are spelled
+// KERNEL_LAUNCH(...) so that wkv_cuda/cuda_shim can run this file on CPU threads.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -12,6 +13,10 @@
 
 #include "wkv.h"
 #include "wkv_math.h"
+
+#ifndef KERNEL_LAUNCH
+#define KERNEL_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
 
 namespace {
 template <typename IN, typename ACC>
@@ -106,7 +111,7 @@ const char *wkv_forward_cuda(int64_t B, int64_t T, int64_t C, const ACC *w, cons
                              const IN *v, const ACC *aa, const ACC *bb, const ACC *pp, IN *y, ACC *aa_out,
                              ACC *bb_out, ACC *pp_out, void *stream) {
     using D = typename Dev<IN>::type;
-    forward_kernel<D, ACC><<<blocks(B, C), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
+    KERNEL_LAUNCH((forward_kernel<D, ACC>), blocks(B, C), THREADS, static_cast<cudaStream_t>(stream))(
         B, T, C, w, u, reinterpret_cast<const D *>(k), reinterpret_cast<const D *>(v), aa, bb, pp,
         reinterpret_cast<D *>(y), aa_out, bb_out, pp_out);
     return last_error();
@@ -118,7 +123,7 @@ const char *wkv_backward_cuda(int64_t B, int64_t T, int64_t C, const ACC *w, con
                               const ACC *gaa_out, const ACC *gbb_out, ACC *gw, ACC *gu, IN *gk, IN *gv, ACC *gaa,
                               ACC *gbb, ACC *gpp, ACC *scratch, void *stream) {
     using D = typename Dev<IN>::type;
-    backward_kernel<D, ACC><<<blocks(B, C), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
+    KERNEL_LAUNCH((backward_kernel<D, ACC>), blocks(B, C), THREADS, static_cast<cudaStream_t>(stream))(
         B, T, C, w, u, reinterpret_cast<const D *>(k), reinterpret_cast<const D *>(v), aa, bb, pp,
         reinterpret_cast<const D *>(gy), gaa_out, gbb_out, gw, gu, reinterpret_cast<D *>(gk),
         reinterpret_cast<D *>(gv), gaa, gbb, gpp, scratch);

@@ -3,9 +3,10 @@
 // wkv_cpu.cpp, qlinear_cpu.cpp or (built with -DWKV_WITH_CUDA) wkv_cuda.cu.
 // Supported: float32 and float64 everywhere; bfloat16 k, v on CUDA (the caller converts them to float on the CPU).
 // The state and w, u are float32, or float64 for float64 inputs.
+// Built with -DCUDA_SHIM (wkv_cuda/cuda_shim), the CUDA launchers run on CPU tensors: the tests execute the .cu so.
 #include <torch/extension.h>
 
-#ifdef WKV_WITH_CUDA
+#if defined(WKV_WITH_CUDA) && !defined(CUDA_SHIM)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -26,11 +27,20 @@ void check(const torch::Tensor &t, const char *name, at::IntArrayRef shape, at::
     TORCH_CHECK(t.is_contiguous(), "wkv: ", name, " must be contiguous; call .contiguous() on it");
 }
 
+// the CUDA launchers run for CUDA tensors, and for every tensor in the shim build
+bool use_cuda(const torch::Tensor &t) {
+#ifdef CUDA_SHIM
+    return true;
+#else
+    return t.is_cuda();
+#endif
+}
+
 // the accumulator dtype for the element dtype of k and v, or an error for an unsupported one
 at::ScalarType acc_dtype(const torch::Tensor &k) {
     const auto in = k.scalar_type();
     if (in == at::kFloat || in == at::kDouble) return in;
-    TORCH_CHECK(in == at::kBFloat16 && k.is_cuda(), "wkv: k has dtype ", in,
+    TORCH_CHECK(in == at::kBFloat16 && use_cuda(k), "wkv: k has dtype ", in,
                 "; the kernels take float32, float64, or bfloat16 on CUDA");
     return at::kFloat;
 }
@@ -58,6 +68,13 @@ Shape check_inputs(const torch::Tensor &w, const torch::Tensor &u, const torch::
 
 #ifdef WKV_WITH_CUDA
 void check_launch(const char *err) { TORCH_CHECK(err == nullptr, "wkv: CUDA kernel launch failed: ", err); }
+void *stream() {
+#ifdef CUDA_SHIM
+    return nullptr;
+#else
+    return c10::cuda::getCurrentCUDAStream().stream();
+#endif
+}
 #endif
 
 template <typename P>
@@ -84,13 +101,15 @@ std::vector<torch::Tensor> forward(torch::Tensor w, torch::Tensor u, torch::Tens
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, k.scalar_type(), "wkv_forward", [&] {
         using IN = typename Raw<scalar_t>::type;
         using ACC = Acc<scalar_t>;
-        if (k.is_cuda()) {
+        if (use_cuda(k)) {
 #ifdef WKV_WITH_CUDA
+#ifndef CUDA_SHIM
             const c10::cuda::CUDAGuard guard(k.device());
+#endif
             check_launch(wkv_forward_cuda<IN, ACC>(s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u),
                                                    ptr<const IN>(k), ptr<const IN>(v), ptr<const ACC>(aa),
                                                    ptr<const ACC>(bb), ptr<const ACC>(pp), ptr<IN>(y), ptr<ACC>(aa_out),
-                                                   ptr<ACC>(bb_out), ptr<ACC>(pp_out), c10::cuda::getCurrentCUDAStream().stream()));
+                                                   ptr<ACC>(bb_out), ptr<ACC>(pp_out), stream()));
 #else
             no_cuda();
 #endif
@@ -117,15 +136,17 @@ std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Ten
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, k.scalar_type(), "wkv_backward", [&] {
         using IN = typename Raw<scalar_t>::type;
         using ACC = Acc<scalar_t>;
-        if (k.is_cuda()) {
+        if (use_cuda(k)) {
 #ifdef WKV_WITH_CUDA
+#ifndef CUDA_SHIM
             const c10::cuda::CUDAGuard guard(k.device());
+#endif
             auto scratch = torch::empty({3, s.B, s.T, s.C}, aa.options());
             check_launch(wkv_backward_cuda<IN, ACC>(
                 s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u), ptr<const IN>(k), ptr<const IN>(v),
                 ptr<const ACC>(aa), ptr<const ACC>(bb), ptr<const ACC>(pp), ptr<const IN>(gy), ptr<const ACC>(gaa_out),
                 ptr<const ACC>(gbb_out), ptr<ACC>(gw), ptr<ACC>(gu), ptr<IN>(gk), ptr<IN>(gv), ptr<ACC>(gaa),
-                ptr<ACC>(gbb), ptr<ACC>(gpp), ptr<ACC>(scratch), c10::cuda::getCurrentCUDAStream().stream()));
+                ptr<ACC>(gbb), ptr<ACC>(gpp), ptr<ACC>(scratch), stream()));
 #else
             no_cuda();
 #endif
