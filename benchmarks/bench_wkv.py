@@ -1,7 +1,7 @@
 """
-Benchmark the WKV op per backend: forward, and forward + backward, against the pure-PyTorch reference; and the
-RWKV-5/6 op (wkv_cuda/wkv5.py) and the RWKV-7 op (wkv7.py): each chunked form against its per-token loop, with
-per-token decays (RWKV-6's, RWKV-7's range).
+Benchmark the WKV ops per backend, forward and forward + backward: RWKV-4's against its pure-PyTorch reference;
+the RWKV-5/6 op (wkv_cuda/wkv5.py) and the RWKV-7 op (wkv7.py), with per-token decays (RWKV-6's, RWKV-7's range):
+the compiled kernel and the per-token loop against the chunked pure-PyTorch form.
 (Whole-model training throughput is benchmarks/bench_train.py.)
 
 $ python benchmarks/bench_wkv.py                          # CPU
@@ -20,15 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configurator import Option, parse_config, run_script  # noqa: E402
 from hardware import DEVICE, run_provenance  # noqa: E402
 from wkv_cuda import wkv  # noqa: E402
-from wkv_cuda.wkv5 import wkv5_chunked, wkv5_loop  # noqa: E402
-from wkv_cuda.wkv7 import wkv7_chunked, wkv7_loop  # noqa: E402
+from wkv_cuda.wkv5 import wkv5, wkv5_chunked, wkv5_loop  # noqa: E402
+from wkv_cuda.wkv7 import wkv7, wkv7_chunked, wkv7_loop  # noqa: E402
 
 OPTIONS = dict(
     device=Option('cpu', "'cpu', 'cuda', 'cuda:1', ...", DEVICE),
     shapes=Option([(8, 1024, 512), (8, 256, 512), (3, 11, 5)], "(B, T, C) for the op", '>= 1'),
     dtypes=Option(['float32'], "k, v dtype for the op; bfloat16 on CUDA only", ('float32', 'float64', 'bfloat16')),
     repeats=Option(5, "timed runs; the median is reported", '>= 1'),
-    torch_max_t=Option(1024, "skip the reference above this T (it is a Python loop)", '>= 0'),
+    torch_max_t=Option(1024, "skip the Python-loop references (RWKV-4's, the RWKV-5/6/7 loops) above this T", '>= 0'),
+    threads=Option(0, "CPU threads (torch.set_num_threads); 0 = torch's default", '>= 0'),
     wkv5_shapes=Option([(8, 1024, 512, 64), (2, 256, 256, 64)], "(B, T, C, head_size) for the RWKV-5/6 and 7 ops",
                        '>= 1'),
     chunk_len=Option(16, "the RWKV-5/6/7 ops' chunk length", '>= 1'),
@@ -87,11 +88,13 @@ def bench_op(cfg):
                       flush=True)
 
 
-def bench_wkv5(cfg):
+def bench_matrix_ops(cfg):
     device = cfg.device
-    print(f"\n## RWKV-5/6 op (per-token decay) and RWKV-7 op, float32, device {device}, chunk {cfg.chunk_len}, "
-          f"median of {cfg.repeats}")
-    print("| op | form | B | T | C | head | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs loop |")
+    kind = 'cuda' if device.startswith('cuda') else 'cpu'
+    print(f"\n## RWKV-5/6 op (per-token decay) and RWKV-7 op, float32, device {device}, {torch.get_num_threads()} "
+          f"threads; median of {cfg.repeats} rounds, contenders interleaved (order alternating), ratio = median of the "
+          f"per-round ratios")
+    print("| op | B | T | C | head | contender | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs chunked |")
     print("|---|---|---|---|---|---|---|---|---|")
     for B, T, C, N in cfg.wkv5_shapes:
         H = C // N
@@ -102,34 +105,54 @@ def bench_wkv5(cfg):
         r, k, v = randn(B, T, H, N), randn(B, T, H, N), randn(B, T, H, N)
         kk = torch.nn.functional.normalize(randn(B, T, H, N), dim=-1)
         ops = {  # RWKV-6: log w = -exp(.); RWKV-7: log w = -e^-0.5 sigmoid(.), a = -kk, b = kk * sigmoid(.)
-            'wkv5': ([r, k, v, -torch.exp(randn(B, T, H, N) - 1), randn(H, N)], wkv5_loop, wkv5_chunked),
+            'wkv5': ([r, k, v, -torch.exp(randn(B, T, H, N) - 1), randn(H, N)], wkv5_loop, wkv5_chunked, wkv5),
             'wkv7': ([r, -0.6065 * torch.sigmoid(randn(B, T, H, N)), k, v, -kk, kk * torch.sigmoid(randn(B, T, H, N))],
-                     wkv7_loop, wkv7_chunked)}
-        for op_name, (args, loop, chunked) in ops.items():
+                     wkv7_loop, wkv7_chunked, wkv7)}
+        for op_name, (args, loop, chunked, native) in ops.items():
             args = [a.clone().requires_grad_() for a in args]
-            base = None
-            for name, op in (('loop', loop), ('chunked', lambda *a, f=chunked: f(*a, chunk_len=cfg.chunk_len))):
-                def fwd(op=op):
-                    with torch.no_grad():
-                        op(*args)
+            contenders = {f'kernel ({kind})': lambda *a, f=native: f(*a, backend=kind),
+                          'chunked (torch)': lambda *a, f=chunked: f(*a, chunk_len=cfg.chunk_len)}
+            if T <= cfg.torch_max_t:
+                contenders['loop (torch)'] = loop
 
-                def fwd_bwd(op=op):
-                    y, s = op(*args)
-                    (y.square().sum() + s.square().sum()).backward()
-                repeats = cfg.repeats if name == 'chunked' else max(1, min(cfg.repeats, 3))
-                t_f, t_fb = timed(fwd, device, repeats), timed(fwd_bwd, device, repeats)
-                base = base or t_fb
-                print(f"| {op_name} | {name} | {B} | {T} | {C} | {N} | {t_f * 1e3:.1f} | {t_fb * 1e3:.1f} | "
-                      f"{base / t_fb:.1f}x |", flush=True)
+            def fwd(op):
+                with torch.no_grad():
+                    op(*args)
+
+            def fwd_bwd(op):
+                y, s = op(*args)
+                (y.square().sum() + s.square().sum()).backward()
+            for c in contenders.values():  # warm-up: builds, caches
+                fwd_bwd(c)
+            times = {c: ([], []) for c in contenders}
+            for rnd in range(cfg.repeats):
+                for c in (list(contenders) if rnd % 2 == 0 else list(reversed(contenders))):
+                    times[c][0].append(timed_once(lambda: fwd(contenders[c]), device))
+                    times[c][1].append(timed_once(lambda: fwd_bwd(contenders[c]), device))
+            ref = times['chunked (torch)'][1]
+            for c, (t_f, t_fb) in times.items():
+                ratio = statistics.median(a / b for a, b in zip(ref, t_fb))
+                print(f"| {op_name} | {B} | {T} | {C} | {N} | {c} | {statistics.median(t_f) * 1e3:.1f} | "
+                      f"{statistics.median(t_fb) * 1e3:.1f} | {ratio:.2f}x |", flush=True)
+
+
+def timed_once(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def main(argv):
     cfg = parse_config(OPTIONS, argv, __doc__)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     commit, machine = run_provenance(cfg.device)
     print(f"# bench_wkv.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, {machine}, "
           f"{time.strftime('%Y-%m-%d')}")
     bench_op(cfg)
-    bench_wkv5(cfg)
+    bench_matrix_ops(cfg)
 
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ OPS = {
     'rwkv6': (wkv5, wkv5_loop, lambda **kw: wkv5_inputs(strong=True, **kw), 'wkv5', 'r k v logw u state'),
     'rwkv7': (wkv7, wkv7_loop, wkv7_inputs, 'wkv7', 'r logw k v a b state'),
 }
-IMPLS = ['cpu', 'cuda-shim']
+IMPLS = ['cpu', 'cuda-shim'] + (['cuda'] if torch.cuda.is_available() else [])  # 'cuda': the .cu on a GPU
 _shims = {}
 
 
@@ -54,14 +54,16 @@ def compare(name, impl, use, shape, dtype, tol):
     """The kernel on `dtype` inputs against the float64 loop: values and gradients within tol of their scale."""
     fn, loop, make, op, names = OPS[name]
     use(impl, op)
+    device = 'cuda' if impl == 'cuda' else 'cpu'
     B, T, H, N = shape
     x64 = make(B=B, T=T, H=H, N=N)
     y_ref, s_ref = loop(*x64)
     want = torch.autograd.grad(loss_of(y_ref, s_ref), x64)
-    x = [t.detach().to(dtype).requires_grad_() for t in x64]
-    y, s = fn(*x, backend='cpu')
+    x = [t.detach().to(device, dtype).requires_grad_() for t in x64]
+    y, s = fn(*x, backend=device)
     assert y.dtype == dtype and s.dtype == dtype
-    got = torch.autograd.grad(loss_of(y.double(), s.double()), x)
+    got = [g.cpu() for g in torch.autograd.grad(loss_of(y.double().cpu(), s.double().cpu()), x)]
+    y, s = y.cpu(), s.cpu()
     for what, a, b in [('y', y, y_ref), ('state', s, s_ref)] + list(zip(names.split(), got, want)):
         err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
         assert err <= tol, f"{name} {impl} {shape}: {what} off by {err:.2e} (relative to its largest entry)"
@@ -85,13 +87,15 @@ def test_kernel_float32(impl, name, use):
     compare(name, impl, use, (2, 48, 2, 32) if impl == 'cuda-shim' else (2, 256, 2, 64), torch.float32, 1e-5)
 
 
+@pytest.mark.parametrize('impl', [i for i in IMPLS if i != 'cpu'])
 @pytest.mark.parametrize('name', OPS)
-def test_cuda_source_bfloat16(name):
+def test_cuda_source_bfloat16(name, impl):
     """bf16 r, k, v (and a, b) into the .cu: within bf16 rounding of its float32 result on the same rounded inputs;
     the state and logw stay float32, gradients come back in the inputs' dtypes."""
     _, _, make, op, names = OPS[name]
-    ext = shim(op)
-    x = [t.detach().float() for t in make(B=2, T=40, H=2, N=16)]
+    ext = shim(op) if impl == 'cuda-shim' else wkv_cuda.get_extension('cuda', op)
+    device = 'cuda' if impl == 'cuda' else 'cpu'
+    x = [t.detach().float().to(device) for t in make(B=2, T=40, H=2, N=16)]
     acc = {'logw', 'u', 'state'}
     x_bf = [t if n in acc else t.bfloat16() for n, t in zip(names.split(), x)]
     x_32 = [t.float() for t in x_bf]  # the same values, in float32
@@ -104,7 +108,7 @@ def test_cuda_source_bfloat16(name):
     assert (y_bf.float() - y_32).abs().max() <= 1e-2 * scale  # bf16 keeps 8 bits: 2^-8 = 3.9e-3 per rounding
     assert (S_bf - S_32).abs().max() <= 1e-5 * S_32.abs().max()  # the state never passes through bf16
     g = torch.Generator().manual_seed(3)
-    gy, gs = torch.randn(y_32.shape, generator=g), torch.randn(S_32.shape, generator=g)
+    gy, gs = (torch.randn(t.shape, generator=g).to(device) for t in (y_32, S_32))
     grads_bf = ext.backward(*inputs_bf, ck_bf, gy.bfloat16(), gs)
     grads_32 = ext.backward(*inputs_32, ck_32, gy, gs)
     for n, a, b, inp in zip(names.split(), grads_bf, grads_32, x_bf):
