@@ -45,17 +45,23 @@ void rows_forward(int64_t N, int64_t i0, const F *S_in, F *S_out, const F *r, co
     if (y) {
 #pragma GCC ivdep
         for (int64_t j = 0; j < N; j++) {
+            const F vj = v[j];
             F yj = y[j];
 #pragma GCC unroll 4
-            for (int q = 0; q < Q; q++) yj += rq[q] * Si[q][j];
+            for (int q = 0; q < Q; q++) {
+                const F x = Si[q][j];
+                yj += rq[q] * x;
+                So[q][j] = wkv5_state(x, wq[q], kq[q], vj);
+            }
             y[j] = yj;
         }
-    }
+    } else {  // the backward's recomputation: the states only
 #pragma GCC ivdep
-    for (int64_t j = 0; j < N; j++) {
-        const F vj = v[j];
+        for (int64_t j = 0; j < N; j++) {
+            const F vj = v[j];
 #pragma GCC unroll 4
-        for (int q = 0; q < Q; q++) So[q][j] = wkv5_state(Si[q][j], wq[q], kq[q], vj);
+            for (int q = 0; q < Q; q++) So[q][j] = wkv5_state(Si[q][j], wq[q], kq[q], vj);
+        }
     }
 }
 

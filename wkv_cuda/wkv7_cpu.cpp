@@ -40,20 +40,28 @@ void rows_forward(int64_t N, int64_t i0, const F *S_in, F *S_out, const F *r, co
     for (int64_t j = 0; j < N; j++)
 #pragma GCC unroll 4
         for (int q = 0; q < Q; q++) s[q] += Si[q][j] * a[j];
+    if (y) {
 #pragma GCC ivdep
-    for (int64_t j = 0; j < N; j++) {
-        const F wj = w[j], bj = b[j], kj = k[j], rj = r[j];
+        for (int64_t j = 0; j < N; j++) {
+            const F wj = w[j], bj = b[j], kj = k[j], rj = r[j];
 #pragma GCC unroll 4
-        for (int q = 0; q < Q; q++) {
-            const F x = wkv7_state(Si[q][j], wj, s[q], bj, vq[q], kj);
-            So[q][j] = x;
-            yq[q] += x * rj;
+            for (int q = 0; q < Q; q++) {
+                const F x = wkv7_state(Si[q][j], wj, s[q], bj, vq[q], kj);
+                So[q][j] = x;
+                yq[q] += x * rj;
+            }
+        }
+        for (int q = 0; q < Q; q++) y[i0 + q] = yq[q];
+    } else {  // the backward's recomputation: the states only
+#pragma GCC ivdep
+        for (int64_t j = 0; j < N; j++) {
+            const F wj = w[j], bj = b[j], kj = k[j];
+#pragma GCC unroll 4
+            for (int q = 0; q < Q; q++) So[q][j] = wkv7_state(Si[q][j], wj, s[q], bj, vq[q], kj);
         }
     }
-    for (int q = 0; q < Q; q++) {
-        if (y) y[i0 + q] = yq[q];
-        if (sa) sa[i0 + q] = s[q];
-    }
+    if (sa)
+        for (int q = 0; q < Q; q++) sa[i0 + q] = s[q];
 }
 
 template <typename F>
