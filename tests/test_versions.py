@@ -36,10 +36,11 @@ def max_rel(a, b):
 # ---------------------------------------------------------------------------------------------------------------------
 # the modes agree
 
+@pytest.mark.parametrize('backend', ['torch', 'cpu'])  # the pure-PyTorch ops, the compiled kernels
 @pytest.mark.parametrize('T', [64, 37])
 @pytest.mark.parametrize('version', VERSIONS)
-def test_step_by_step_equals_forward(version, T):
-    m, idx = model(version), tokens(2, T)
+def test_step_by_step_equals_forward(version, T, backend):
+    m, idx = model(version, wkv_backend=backend), tokens(2, T)
     s0 = random_state(m, 2)
     with torch.no_grad():
         logits, state = m.prefill(idx, s0)
@@ -51,9 +52,10 @@ def test_step_by_step_equals_forward(version, T):
     assert all((a - b).abs().max() <= 1e-10 for a, b in zip(s, state))
 
 
+@pytest.mark.parametrize('backend', ['torch', 'cpu'])
 @pytest.mark.parametrize('version', VERSIONS)
-def test_prefill_in_uneven_pieces_equals_whole(version):
-    m, idx = model(version), tokens(2, 37)
+def test_prefill_in_uneven_pieces_equals_whole(version, backend):
+    m, idx = model(version, wkv_backend=backend), tokens(2, 37)
     s = s0 = random_state(m, 2)
     with torch.no_grad():
         whole, s_whole = m.prefill(idx, s0)
@@ -65,11 +67,13 @@ def test_prefill_in_uneven_pieces_equals_whole(version):
     assert all((a - b).abs().max() <= 1e-10 for a, b in zip(s, s_whole))
 
 
+@pytest.mark.parametrize('backend', ['torch', 'cpu'])
 @pytest.mark.parametrize('version', VERSIONS)
-def test_gradients_chunked_equal_the_recurrence(version):
-    """The loss of a parallel-mode forward (chunked ops) and of the same tokens one RNN step at a time (the
-    per-token recurrence) have the same gradient for every parameter and for the incoming state."""
-    m, idx = model(version, n_layer=2), tokens(2, 19)
+def test_gradients_chunked_equal_the_recurrence(version, backend):
+    """The loss of a parallel-mode forward (the chunked ops, or the kernels) and of the same tokens one RNN step at
+    a time (the per-token recurrence, or the kernels at T = 1) have the same gradient for every parameter and for
+    the incoming state."""
+    m, idx = model(version, n_layer=2, wkv_backend=backend), tokens(2, 19)
     s0 = random_state(m, 2)
 
     def grads(run_steps):

@@ -192,17 +192,18 @@ def find_nvcc():
 
 @pytest.mark.skipif(torch.version.cuda is None, reason='a CPU-only build of torch cannot link CUDA extensions')
 @pytest.mark.skipif(find_nvcc() is None, reason='nvcc not found (set CUDA_HOME)')
-def test_cuda_extension_compiles_and_links(tmp_path):
-    # a fresh build directory, so this really compiles wkv_cuda.cu and the binding and links them against torch,
-    # GPU or not: a broken kernel fails here, in CI, before it reaches a GPU
+@pytest.mark.parametrize('op', ['wkv4', 'wkv5', 'wkv7'])
+def test_cuda_extension_compiles_and_links(op, tmp_path):
+    # a fresh build directory, so this really compiles the op's .cu and its binding (with the CUDA stream and device
+    # guard) and links them against torch, GPU or not: a broken kernel fails here, in CI, before it reaches a GPU
     env = dict(os.environ, CUDA_HOME=find_nvcc(), TORCH_CUDA_ARCH_LIST=os.environ.get('TORCH_CUDA_ARCH_LIST', '9.0'),
                MAX_JOBS='2')
-    code = ("import wkv_cuda; m = wkv_cuda.build_extension('cuda', build_directory=%r); "
-            "print('built', m.forward.__doc__)" % str(tmp_path))
+    code = ("import wkv_cuda; m = wkv_cuda.build_extension('cuda', build_directory=%r, op=%r); "
+            "print('built', m.forward.__doc__)" % (str(tmp_path), op))
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=1500, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'WKV forward' in r.stdout
-    assert list(tmp_path.glob('nanorwkv_wkv_cuda*.so'))
+    assert list(tmp_path.glob(f'{wkv_cuda.EXTENSION_NAMES[op]}_cuda*.so'))
 
 
 def test_cpu_kernel_under_ddp_matches_one_process(dataset, tmp_path):

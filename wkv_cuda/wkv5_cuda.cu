@@ -7,38 +7,17 @@
 // segment at a time from the end, has thread i recompute row i of the segment's states from its checkpoint (a row
 // evolves on its own) into a scratch buffer, then walk back: thread i owns row i of dL/dS (gr, gk, gw are row sums)
 // and column i (gv is a column sum), as RWKV-LM's backward keeps both. No sums across threads except through shared
-// memory. Any T; head sizes 8, 16, 32 and 64 (compiled per size). Launches are spelled KERNEL_LAUNCH(...) so that
-// wkv_cuda/cuda_shim can run this file on CPU threads. No torch headers.
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
+// memory. Any T; head sizes 8, 16, 32 and 64 (compiled per size). No torch headers.
 #include <cstdint>
 
+#include "cuda_common.cuh"
 #include "wkv5.h"
 #include "wkv5_math.h"
 
-#ifndef KERNEL_LAUNCH
-#define KERNEL_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
-#endif
-
 namespace {
+using namespace wkv_device;
+
 constexpr int SEG = WKV5_SEG;
-
-template <typename IN, typename ACC>
-struct Cvt {
-    static __device__ __forceinline__ ACC load(IN x) { return static_cast<ACC>(x); }
-    static __device__ __forceinline__ IN store(ACC x) { return static_cast<IN>(x); }
-};
-template <>
-struct Cvt<__nv_bfloat16, float> {
-    static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-    static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16(x); }
-};
-template <typename IN> struct Dev { using type = IN; };
-template <> struct Dev<uint16_t> { using type = __nv_bfloat16; };
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 
 // per head: the SEG + 1 states of the segment being walked back
 __host__ __device__ int64_t scratch_per_head(int64_t N) { return (SEG + 1) * N * N; }
@@ -152,11 +131,6 @@ __global__ void __launch_bounds__(N, 1) backward_kernel(
 #pragma unroll
     for (int j = 0; j < N; j++) gs0[bh * NN + i * N + j] = dr[j];
     gu[bh * N + i] = gui;
-}
-
-const char *last_error() {
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 const char *unsupported() { return "wkv5: the CUDA kernel is compiled for head sizes 8, 16, 32, 64"; }

@@ -6,40 +6,20 @@
 // Backward: the forward writes the state at the start of every SEG tokens to a checkpoint buffer in global memory
 // (T/SEG states per head instead of T; RWKV-LM keeps every 16th too, but steps back by dividing by w, which is
 // inexact when decays are strong); the backward, one segment at a time from the end, recomputes the segment's states
-// from its checkpoint into a (SEG + 1)-state scratch buffer and walks them back. Thread i owns row i and column i of dL/dS (RWKV-LM's
-// kernel keeps both too): row sums (gv, gsa) need rows, column sums (gr, gw, gk, ga, gb) columns, and nothing is summed
-// across threads except through shared memory. Any T, no compile-time T; head sizes 8, 16, 32 and 64 (compiled per size; 128 would spill registers in fp64).
-// Launches are spelled KERNEL_LAUNCH(...) so that wkv_cuda/cuda_shim can run this file on CPU threads. No torch headers.
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
+// from its checkpoint into a (SEG + 1)-state scratch buffer and walks them back. Thread i owns row i and column i of
+// dL/dS (RWKV-LM's kernel keeps both too): row sums (gv, gsa) need rows, column sums (gr, gw, gk, ga, gb) columns, and
+// nothing is summed across threads except through shared memory. Any T, no compile-time T; head sizes 8, 16, 32 and
+// 64 (compiled per size; 128 would spill registers in fp64). No torch headers.
 #include <cstdint>
 
+#include "cuda_common.cuh"
 #include "wkv7.h"
 #include "wkv7_math.h"
 
-#ifndef KERNEL_LAUNCH
-#define KERNEL_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
-#endif
-
 namespace {
+using namespace wkv_device;
+
 constexpr int SEG = WKV7_SEG;
-
-template <typename IN, typename ACC>
-struct Cvt {
-    static __device__ __forceinline__ ACC load(IN x) { return static_cast<ACC>(x); }
-    static __device__ __forceinline__ IN store(ACC x) { return static_cast<IN>(x); }
-};
-template <>
-struct Cvt<__nv_bfloat16, float> {
-    static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-    static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16(x); }
-};
-template <typename IN> struct Dev { using type = IN; };
-template <> struct Dev<uint16_t> { using type = __nv_bfloat16; };
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 
 // per head: the SEG + 1 states of the segment being walked back, and its SEG sa vectors
 __host__ __device__ int64_t scratch_per_head(int64_t N) { return (SEG + 1) * N * N + SEG * N; }
@@ -185,11 +165,6 @@ __global__ void __launch_bounds__(N, 1) backward_kernel(
     }
 #pragma unroll
     for (int j = 0; j < N; j++) gs0[(bh * N + i) * N + j] = dr[j];
-}
-
-const char *last_error() {
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 const char *unsupported() { return "wkv7: the CUDA kernel is compiled for head sizes 8, 16, 32, 64"; }

@@ -2,62 +2,29 @@
 // what to do, allocates the outputs, and passes raw pointers to wkv7_cpu.cpp or (built with -DWKV_WITH_CUDA)
 // wkv7_cuda.cu. Supported: float32 and float64 everywhere, bfloat16 r, k, v, a, b on CUDA (the caller converts them
 // to float on the CPU); logw and the state are float32, or float64 for float64 inputs.
-// Built with -DCUDA_SHIM (wkv_cuda/cuda_shim), the CUDA launchers run on CPU tensors: the tests execute the .cu that way.
-#include <torch/extension.h>
-
-#if defined(WKV_WITH_CUDA) && !defined(CUDA_SHIM)
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
-#include <type_traits>
 #include <vector>
 
+#include "binding.h"
 #include "wkv7.h"
 
 namespace {
-using torch::Tensor;
+using namespace wkv_binding;
 
 struct Shape {
     int64_t B, T, H, N;
 };
-
-void check(const Tensor &t, const char *name, at::IntArrayRef shape, at::ScalarType dtype, const torch::Device &dev) {
-    TORCH_CHECK(t.device() == dev, "wkv7: ", name, " is on ", t.device(), " but r is on ", dev,
-                "; move all inputs to one device");
-    TORCH_CHECK(t.scalar_type() == dtype, "wkv7: ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(t.sizes() == shape, "wkv7: ", name, " has shape ", t.sizes(), ", expected ", shape);
-    TORCH_CHECK(t.is_contiguous(), "wkv7: ", name, " must be contiguous; call .contiguous() on it");
-}
-
-// the CUDA launchers run for CUDA tensors, and for every tensor in the shim build
-bool use_cuda(const Tensor &t) {
-#ifdef CUDA_SHIM
-    return true;
-#else
-    return t.is_cuda();
-#endif
-}
-
-at::ScalarType acc_dtype(const Tensor &r) {
-    const auto in = r.scalar_type();
-    if (in == at::kFloat || in == at::kDouble) return in;
-    TORCH_CHECK(in == at::kBFloat16 && use_cuda(r), "wkv7: r has dtype ", in,
-                "; the kernels take float32, float64, or bfloat16 on CUDA");
-    return at::kFloat;
-}
 
 Shape check_inputs(const Tensor &r, const Tensor &logw, const Tensor &k, const Tensor &v, const Tensor &a,
                    const Tensor &b, const Tensor &s0) {
     TORCH_CHECK(r.dim() == 4, "wkv7: r must be (B, T, H, N), got shape ", r.sizes());
     const Shape s{r.size(0), r.size(1), r.size(2), r.size(3)};
     TORCH_CHECK(s.B > 0 && s.T > 0 && s.H > 0 && s.N > 0, "wkv7: empty input, r has shape ", r.sizes());
-    const auto acc = acc_dtype(r);
-    const auto dev = r.device();
+    const auto acc = acc_dtype("wkv7", "r", r);
+    const Checker check{"wkv7", "r", r.device()};
     for (auto [t, name] : {std::pair{&r, "r"}, {&k, "k"}, {&v, "v"}, {&a, "a"}, {&b, "b"}})
-        check(*t, name, r.sizes(), r.scalar_type(), dev);
-    check(logw, "logw", r.sizes(), acc, dev);
-    check(s0, "state", {s.B, s.H, s.N, s.N}, acc, dev);
+        check(*t, name, r.sizes(), r.scalar_type());
+    check(logw, "logw", r.sizes(), acc);
+    check(s0, "state", {s.B, s.H, s.N, s.N}, acc);
 #ifdef WKV_WITH_CUDA
     if (use_cuda(r))
         TORCH_CHECK(wkv7_cuda_head_size(s.N), "wkv7: head size ", s.N,
@@ -66,27 +33,6 @@ Shape check_inputs(const Tensor &r, const Tensor &logw, const Tensor &k, const T
     return s;
 }
 
-template <typename P>
-P *ptr(const Tensor &t) { return reinterpret_cast<P *>(t.data_ptr()); }
-
-template <typename T> struct Raw { using type = T; };
-template <> struct Raw<at::BFloat16> { using type = uint16_t; };
-template <typename T> using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-#ifdef WKV_WITH_CUDA
-void check_launch(const char *err) { TORCH_CHECK(err == nullptr, "wkv7: CUDA kernel launch failed: ", err); }
-void *stream() {
-#ifdef CUDA_SHIM
-    return nullptr;
-#else
-    return c10::cuda::getCurrentCUDAStream().stream();
-#endif
-}
-#else
-[[noreturn]] void no_cuda() {
-    TORCH_CHECK(false, "wkv7: this build of the kernels has no CUDA; use wkv_backend='cuda' to build the CUDA one");
-}
-#endif
 }  // namespace
 
 // keep: also return the checkpoints the backward needs (else an empty tensor)
@@ -101,15 +47,13 @@ std::vector<Tensor> forward(Tensor r, Tensor logw, Tensor k, Tensor v, Tensor a,
         using ACC = Acc<scalar_t>;
         if (use_cuda(r)) {
 #ifdef WKV_WITH_CUDA
-#ifndef CUDA_SHIM
-            const c10::cuda::CUDAGuard guard(r.device());
-#endif
-            check_launch(wkv7_forward_cuda<IN, ACC>(s.B, s.T, s.H, s.N, ptr<const IN>(r), ptr<const ACC>(logw),
+            WKV_DEVICE_GUARD(r);
+            check_launch("wkv7", wkv7_forward_cuda<IN, ACC>(s.B, s.T, s.H, s.N, ptr<const IN>(r), ptr<const ACC>(logw),
                                                     ptr<const IN>(k), ptr<const IN>(v), ptr<const IN>(a),
                                                     ptr<const IN>(b), ptr<const ACC>(s0), ptr<IN>(y), ptr<ACC>(sT),
                                                     static_cast<ACC *>(ck), stream()));
 #else
-            no_cuda();
+            no_cuda("wkv7");
 #endif
         } else if constexpr (std::is_same_v<IN, ACC>) {
             wkv7_forward_cpu<ACC>(s.B, s.T, s.H, s.N, ptr<const ACC>(r), ptr<const ACC>(logw), ptr<const ACC>(k),
@@ -127,9 +71,10 @@ std::vector<Tensor> backward(Tensor r, Tensor logw, Tensor k, Tensor v, Tensor a
                 "keep=True), got shape ", ckpt.sizes());
     const auto s0 = ckpt.select(2, 0);
     const auto s = check_inputs(r, logw, k, v, a, b, s0.contiguous());
-    check(ckpt, "the checkpoints", {s.B, s.H, wkv7_segments(s.T), s.N, s.N}, s0.scalar_type(), r.device());
-    check(gy, "gy", r.sizes(), r.scalar_type(), r.device());
-    check(gsT, "the gradient of the state", s0.sizes(), s0.scalar_type(), r.device());
+    const Checker check{"wkv7", "r", r.device()};
+    check(ckpt, "the checkpoints", {s.B, s.H, wkv7_segments(s.T), s.N, s.N}, s0.scalar_type());
+    check(gy, "gy", r.sizes(), r.scalar_type());
+    check(gsT, "the gradient of the state", s0.sizes(), s0.scalar_type());
     auto gr = torch::empty_like(r), gk = torch::empty_like(k), gv = torch::empty_like(v);
     auto ga = torch::empty_like(a), gb = torch::empty_like(b);
     auto glogw = torch::empty_like(logw), gs0 = torch::empty_like(gsT);
@@ -138,17 +83,15 @@ std::vector<Tensor> backward(Tensor r, Tensor logw, Tensor k, Tensor v, Tensor a
         using ACC = Acc<scalar_t>;
         if (use_cuda(r)) {
 #ifdef WKV_WITH_CUDA
-#ifndef CUDA_SHIM
-            const c10::cuda::CUDAGuard guard(r.device());
-#endif
+            WKV_DEVICE_GUARD(r);
             auto scratch = torch::empty({wkv7_scratch_size(s.B, s.T, s.H, s.N)}, s0.options());
-            check_launch(wkv7_backward_cuda<IN, ACC>(
+            check_launch("wkv7", wkv7_backward_cuda<IN, ACC>(
                 s.B, s.T, s.H, s.N, ptr<const IN>(r), ptr<const ACC>(logw), ptr<const IN>(k), ptr<const IN>(v),
                 ptr<const IN>(a), ptr<const IN>(b), ptr<const ACC>(ckpt), ptr<const IN>(gy), ptr<const ACC>(gsT),
                 ptr<IN>(gr), ptr<ACC>(glogw), ptr<IN>(gk), ptr<IN>(gv), ptr<IN>(ga), ptr<IN>(gb), ptr<ACC>(gs0),
                 ptr<ACC>(scratch), stream()));
 #else
-            no_cuda();
+            no_cuda("wkv7");
 #endif
         } else if constexpr (std::is_same_v<IN, ACC>) {
             wkv7_backward_cpu<ACC>(s.B, s.T, s.H, s.N, ptr<const ACC>(r), ptr<const ACC>(logw), ptr<const ACC>(k),

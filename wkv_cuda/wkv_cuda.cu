@@ -4,35 +4,15 @@
 // training cannot overflow or lose the sums to rounding (the source of RWKV-LM's bf16 NaN reports).
 // No compile-time T_MAX: the backward recomputes the state before every token into a scratch buffer in global
 // memory instead of a per-thread array, so any T runs with one build. No B * C % 32 requirement: threads past the
-// end return. Deliberately no torch headers here, so this file compiles in seconds. Launches are spelled
-// KERNEL_LAUNCH(...) so that wkv_cuda/cuda_shim can run this file on CPU threads.
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
+// end return. Deliberately no torch headers here, so this file compiles in seconds.
 #include <cstdint>
 
+#include "cuda_common.cuh"
 #include "wkv.h"
 #include "wkv_math.h"
 
-#ifndef KERNEL_LAUNCH
-#define KERNEL_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
-#endif
-
 namespace {
-template <typename IN, typename ACC>
-struct Cvt {
-    static __device__ __forceinline__ ACC load(IN x) { return static_cast<ACC>(x); }
-    static __device__ __forceinline__ IN store(ACC x) { return static_cast<IN>(x); }
-};
-template <>
-struct Cvt<__nv_bfloat16, float> {
-    static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-    static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16(x); }
-};
-
-// the element type on the device for the type named in wkv.h
-template <typename IN> struct Dev { using type = IN; };
-template <> struct Dev<uint16_t> { using type = __nv_bfloat16; };
+using namespace wkv_device;
 
 constexpr int THREADS = 32;  // small blocks spread B * C threads over all SMs (RWKV-LM uses min(C, 32))
 
@@ -96,11 +76,6 @@ __global__ void backward_kernel(int64_t B, int64_t T, int64_t C, const ACC *__re
     gaa_in[idx] = gaa;
     gbb_in[idx] = gbb;
     gpp_in[idx] = gaa * aa_in[idx] + gbb * bb_in[idx];  // pp only shifts the state: see __init__.py
-}
-
-const char *last_error() {
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 int64_t blocks(int64_t B, int64_t C) { return (B * C + THREADS - 1) / THREADS; }

@@ -3,47 +3,14 @@
 // wkv_cpu.cpp, qlinear_cpu.cpp or (built with -DWKV_WITH_CUDA) wkv_cuda.cu.
 // Supported: float32 and float64 everywhere; bfloat16 k, v on CUDA (the caller converts them to float on the CPU).
 // The state and w, u are float32, or float64 for float64 inputs.
-// Built with -DCUDA_SHIM (wkv_cuda/cuda_shim), the CUDA launchers run on CPU tensors: the tests execute the .cu so.
-#include <torch/extension.h>
-
-#if defined(WKV_WITH_CUDA) && !defined(CUDA_SHIM)
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
-#include <type_traits>
 #include <vector>
 
+#include "binding.h"
 #include "qlinear.h"
 #include "wkv.h"
 
 namespace {
-void check(const torch::Tensor &t, const char *name, at::IntArrayRef shape, at::ScalarType dtype,
-           const torch::Device &device) {
-    TORCH_CHECK(t.device() == device, "wkv: ", name, " is on ", t.device(), " but k is on ", device,
-                "; move all inputs to one device");
-    TORCH_CHECK(t.scalar_type() == dtype, "wkv: ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(t.sizes() == shape, "wkv: ", name, " has shape ", t.sizes(), ", expected ", shape);
-    TORCH_CHECK(t.is_contiguous(), "wkv: ", name, " must be contiguous; call .contiguous() on it");
-}
-
-// the CUDA launchers run for CUDA tensors, and for every tensor in the shim build
-bool use_cuda(const torch::Tensor &t) {
-#ifdef CUDA_SHIM
-    return true;
-#else
-    return t.is_cuda();
-#endif
-}
-
-// the accumulator dtype for the element dtype of k and v, or an error for an unsupported one
-at::ScalarType acc_dtype(const torch::Tensor &k) {
-    const auto in = k.scalar_type();
-    if (in == at::kFloat || in == at::kDouble) return in;
-    TORCH_CHECK(in == at::kBFloat16 && use_cuda(k), "wkv: k has dtype ", in,
-                "; the kernels take float32, float64, or bfloat16 on CUDA");
-    return at::kFloat;
-}
+using namespace wkv_binding;
 
 struct Shape {
     int64_t B, T, C;
@@ -54,43 +21,18 @@ Shape check_inputs(const torch::Tensor &w, const torch::Tensor &u, const torch::
     TORCH_CHECK(k.dim() == 3, "wkv: k must be (B, T, C), got shape ", k.sizes());
     const Shape s{k.size(0), k.size(1), k.size(2)};
     TORCH_CHECK(s.B > 0 && s.T > 0 && s.C > 0, "wkv: empty input, k has shape ", k.sizes());
-    const auto acc = acc_dtype(k);
-    const auto dev = k.device();
-    check(k, "k", k.sizes(), k.scalar_type(), dev);
-    check(v, "v", k.sizes(), k.scalar_type(), dev);
-    check(w, "w", {s.C}, acc, dev);
-    check(u, "u", {s.C}, acc, dev);
-    check(aa, "aa", {s.B, s.C}, acc, dev);
-    check(bb, "bb", {s.B, s.C}, acc, dev);
-    check(pp, "pp", {s.B, s.C}, acc, dev);
+    const auto acc = acc_dtype("wkv", "k", k);
+    const Checker check{"wkv", "k", k.device()};
+    check(k, "k", k.sizes(), k.scalar_type());
+    check(v, "v", k.sizes(), k.scalar_type());
+    check(w, "w", {s.C}, acc);
+    check(u, "u", {s.C}, acc);
+    check(aa, "aa", {s.B, s.C}, acc);
+    check(bb, "bb", {s.B, s.C}, acc);
+    check(pp, "pp", {s.B, s.C}, acc);
     return s;
 }
 
-#ifdef WKV_WITH_CUDA
-void check_launch(const char *err) { TORCH_CHECK(err == nullptr, "wkv: CUDA kernel launch failed: ", err); }
-void *stream() {
-#ifdef CUDA_SHIM
-    return nullptr;
-#else
-    return c10::cuda::getCurrentCUDAStream().stream();
-#endif
-}
-#endif
-
-template <typename P>
-P *ptr(const torch::Tensor &t) { return reinterpret_cast<P *>(t.data_ptr()); }
-
-// How the kernels see the element type of k and v (IN) and the accumulator type (ACC): bfloat16 travels as its raw
-// bits (the .cu converts) and accumulates in float; float and double are themselves.
-template <typename T> struct Raw { using type = T; };
-template <> struct Raw<at::BFloat16> { using type = uint16_t; };
-template <typename T> using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-#ifndef WKV_WITH_CUDA
-[[noreturn]] void no_cuda() {
-    TORCH_CHECK(false, "wkv: this build of the kernels has no CUDA; use wkv_backend='cuda' to build the CUDA one");
-}
-#endif
 }  // namespace
 
 std::vector<torch::Tensor> forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
@@ -103,15 +45,13 @@ std::vector<torch::Tensor> forward(torch::Tensor w, torch::Tensor u, torch::Tens
         using ACC = Acc<scalar_t>;
         if (use_cuda(k)) {
 #ifdef WKV_WITH_CUDA
-#ifndef CUDA_SHIM
-            const c10::cuda::CUDAGuard guard(k.device());
-#endif
-            check_launch(wkv_forward_cuda<IN, ACC>(s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u),
+            WKV_DEVICE_GUARD(k);
+            check_launch("wkv", wkv_forward_cuda<IN, ACC>(s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u),
                                                    ptr<const IN>(k), ptr<const IN>(v), ptr<const ACC>(aa),
                                                    ptr<const ACC>(bb), ptr<const ACC>(pp), ptr<IN>(y), ptr<ACC>(aa_out),
                                                    ptr<ACC>(bb_out), ptr<ACC>(pp_out), stream()));
 #else
-            no_cuda();
+            no_cuda("wkv");
 #endif
         } else if constexpr (std::is_same_v<IN, ACC>) {  // the CPU kernel: float and double (check_inputs said so)
             wkv_forward_cpu<ACC>(s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u), ptr<const ACC>(k),
@@ -127,9 +67,10 @@ std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Ten
                                     torch::Tensor aa, torch::Tensor bb, torch::Tensor pp, torch::Tensor gy,
                                     torch::Tensor gaa_out, torch::Tensor gbb_out) {
     const auto s = check_inputs(w, u, k, v, aa, bb, pp);
-    check(gy, "gy", k.sizes(), k.scalar_type(), k.device());
-    check(gaa_out, "gaa_out", {s.B, s.C}, aa.scalar_type(), k.device());
-    check(gbb_out, "gbb_out", {s.B, s.C}, aa.scalar_type(), k.device());
+    const Checker check{"wkv", "k", k.device()};
+    check(gy, "gy", k.sizes(), k.scalar_type());
+    check(gaa_out, "gaa_out", {s.B, s.C}, aa.scalar_type());
+    check(gbb_out, "gbb_out", {s.B, s.C}, aa.scalar_type());
     auto gw = torch::empty_like(aa), gu = torch::empty_like(aa);
     auto gk = torch::empty_like(k), gv = torch::empty_like(v);
     auto gaa = torch::empty_like(aa), gbb = torch::empty_like(aa), gpp = torch::empty_like(aa);
@@ -138,17 +79,15 @@ std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Ten
         using ACC = Acc<scalar_t>;
         if (use_cuda(k)) {
 #ifdef WKV_WITH_CUDA
-#ifndef CUDA_SHIM
-            const c10::cuda::CUDAGuard guard(k.device());
-#endif
+            WKV_DEVICE_GUARD(k);
             auto scratch = torch::empty({3, s.B, s.T, s.C}, aa.options());
-            check_launch(wkv_backward_cuda<IN, ACC>(
+            check_launch("wkv", wkv_backward_cuda<IN, ACC>(
                 s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u), ptr<const IN>(k), ptr<const IN>(v),
                 ptr<const ACC>(aa), ptr<const ACC>(bb), ptr<const ACC>(pp), ptr<const IN>(gy), ptr<const ACC>(gaa_out),
                 ptr<const ACC>(gbb_out), ptr<ACC>(gw), ptr<ACC>(gu), ptr<IN>(gk), ptr<IN>(gv), ptr<ACC>(gaa),
                 ptr<ACC>(gbb), ptr<ACC>(gpp), ptr<ACC>(scratch), stream()));
 #else
-            no_cuda();
+            no_cuda("wkv");
 #endif
         } else if constexpr (std::is_same_v<IN, ACC>) {
             wkv_backward_cpu<ACC>(s.B, s.T, s.C, ptr<const ACC>(w), ptr<const ACC>(u), ptr<const ACC>(k),
