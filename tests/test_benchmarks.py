@@ -57,6 +57,16 @@ def test_inference_time_benchmark(tmp_path):
     assert [ax.get_title() for ax in fig.axes] == ['single-token latency', 'cumulative latency', 'memory']
 
 
+def test_versions_benchmark(tmp_path):
+    """Every version with the kernel and the torch op, eager: one row each, RWKV-4's kernel the reference."""
+    out = script('benchmarks/bench_versions.py', f'--n_layer={L}', f'--n_embd={C}', '--head_size=8',
+                 f'--vocab_size={V}', '--block_size=16', '--batch_size=2', '--rounds=2', '--warmup=1', cwd=tmp_path)
+    rows = table(out, 'contender')
+    assert [r[0] for r in rows] == [f'RWKV-{v} {b}' for v in ('4', '5', '5.1', '6', '7') for b in ('kernel', 'torch op')]
+    assert rows[0][3] == '1.00x' and all(float(r[2].replace(',', '')) > 0 for r in rows)
+    assert not list(tmp_path.iterdir())
+
+
 def test_train_benchmark(tmp_path):
     out = script('benchmarks/bench_train.py', f'--n_layer={L}', f'--n_embd={C}', '--n_head=2', f'--vocab_size={V}',
                  '--block_size=16', '--batch_size=2', '--iters=1', '--warmup=1', '--device=cpu', cwd=tmp_path)
@@ -120,7 +130,8 @@ def test_quant_benchmark(dataset, tmp_path):
                                   'data/openwebtext/prepare.py', 'data/openwebtext_neox/prepare.py',
                                   'data/tinystories/prepare.py', 'assets/make_animations.py',
                                   'benchmarks/bench_infctx.py', 'benchmarks/bench_long_range.py',
-                                  'benchmarks/bench_options.py', 'benchmarks/bench_quant.py'])
+                                  'benchmarks/bench_options.py', 'benchmarks/bench_quant.py',
+                                  'benchmarks/bench_versions.py', 'benchmarks/bench_gpu.py'])
 def test_help_documents_every_option(name, tmp_path, monkeypatch):
     out = script(name, '--help', cwd=tmp_path)
     monkeypatch.setattr(sys, 'path', list(sys.path))  # the data scripts put the repository root on it
