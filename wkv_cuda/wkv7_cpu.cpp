@@ -135,6 +135,7 @@ void rows_backward(int64_t N, int64_t i0, F *D, const F *Sp, const F *St, const 
 
 template <typename F>
 void exp_into(int64_t N, const F *logw, F *w) {
+#pragma omp simd  // glibc's vector exp (libmvec), as -ffast-math allows
     for (int64_t j = 0; j < N; j++) w[j] = std::exp(logw[j]);
 }
 
