@@ -192,7 +192,7 @@ def find_nvcc():
 
 @pytest.mark.skipif(torch.version.cuda is None, reason='a CPU-only build of torch cannot link CUDA extensions')
 @pytest.mark.skipif(find_nvcc() is None, reason='nvcc not found (set CUDA_HOME)')
-@pytest.mark.parametrize('op', ['wkv4', 'wkv5', 'wkv7'])
+@pytest.mark.parametrize('op', ['wkv4', 'wkv7'])  # wkv5's binding is wkv7's pattern on binding.h; its .cu: ptxas test
 def test_cuda_extension_compiles_and_links(op, tmp_path):
     # a fresh build directory, so this really compiles the op's .cu and its binding (with the CUDA stream and device
     # guard) and links them against torch, GPU or not: a broken kernel fails here, in CI, before it reaches a GPU
