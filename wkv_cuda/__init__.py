@@ -22,6 +22,10 @@ Backends (config `wkv_backend`):
 - 'auto':  the compiled kernel for the tensors' device; if it cannot be built, says why once and uses 'torch'.
 An explicitly requested compiled backend that cannot be built is an error. The compiled kernels are registered as
 the custom ops torch.ops.nanorwkv.wkv_forward / wkv_backward, so torch.compile keeps them in its graph.
+
+This module also builds every op's extension (build_extension: 'cpu', 'cuda', or 'shim', the .cu run on CPU threads
+through cuda_shim/) and runs the matrix-state ops of RWKV-5/6 (wkv5.py) and RWKV-7 (wkv7.py) on their kernels
+(run_matrix_op), with the same backend rules.
 """
 import sys
 from pathlib import Path
