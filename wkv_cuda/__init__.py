@@ -174,7 +174,9 @@ def build_extension(kind, build_directory=None, verbose=False, simd=True, op='wk
         wrapper.parent.mkdir(parents=True, exist_ok=True)
         text = f'#include "{HERE / CUDA_SOURCES[op]}"\n'
         if not wrapper.is_file() or wrapper.read_text() != text:
-            wrapper.write_text(text)
+            tmp = wrapper.with_name(wrapper.name + '.tmp')  # written whole, then renamed: a build never sees half
+            tmp.write_text(text)
+            tmp.replace(wrapper)
         sources.append(wrapper)
         cflags += ['-DWKV_WITH_CUDA', '-DCUDA_SHIM', f'-I{HERE / "cuda_shim"}', f'-I{HERE}']
     return load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags,

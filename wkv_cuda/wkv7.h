@@ -23,9 +23,9 @@ void wkv7_backward_cpu(int64_t B, int64_t T, int64_t H, int64_t N, const F *r, c
                        F *glogw, F *gk, F *gv, F *ga, F *gb, F *gs0);
 
 // CUDA launchers: one block of N threads per (batch row, head). They return nullptr, or an error string (a failed
-// launch, or a head size without a compiled kernel). scratch holds wkv7_scratch_size(B, T, H, N) ACC values.
+// launch, or a head size without a compiled kernel). scratch holds wkv7_scratch_size(B, H, N) ACC values.
 bool wkv7_cuda_head_size(int64_t N);
-int64_t wkv7_scratch_size(int64_t B, int64_t T, int64_t H, int64_t N);
+int64_t wkv7_scratch_size(int64_t B, int64_t H, int64_t N);
 
 template <typename IN, typename ACC>
 const char *wkv7_forward_cuda(int64_t B, int64_t T, int64_t H, int64_t N, const IN *r, const ACC *logw,

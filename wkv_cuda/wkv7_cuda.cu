@@ -195,7 +195,7 @@ bool wkv7_cuda_head_size(int64_t N) {
 #undef WKV7_IS
 }
 
-int64_t wkv7_scratch_size(int64_t B, int64_t T, int64_t H, int64_t N) {
+int64_t wkv7_scratch_size(int64_t B, int64_t H, int64_t N) {
     return B * H * scratch_per_head(N);
 }
 

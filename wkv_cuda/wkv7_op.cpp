@@ -84,7 +84,7 @@ std::vector<Tensor> backward(Tensor r, Tensor logw, Tensor k, Tensor v, Tensor a
         if (use_cuda(r)) {
 #ifdef WKV_WITH_CUDA
             WKV_DEVICE_GUARD(r);
-            auto scratch = torch::empty({wkv7_scratch_size(s.B, s.T, s.H, s.N)}, s0.options());
+            auto scratch = torch::empty({wkv7_scratch_size(s.B, s.H, s.N)}, s0.options());
             check_launch("wkv7", wkv7_backward_cuda<IN, ACC>(
                 s.B, s.T, s.H, s.N, ptr<const IN>(r), ptr<const ACC>(logw), ptr<const IN>(k), ptr<const IN>(v),
                 ptr<const IN>(a), ptr<const IN>(b), ptr<const ACC>(ckpt), ptr<const IN>(gy), ptr<const ACC>(gsT),

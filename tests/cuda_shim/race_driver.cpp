@@ -47,7 +47,7 @@ void matrix_ops(int64_t B, int64_t T, int64_t H, int64_t N) {
     auto logw = randn(n, 0.1f, -0.5f), u = randn(H * N), s0 = randn(ns), gs = randn(ns);
     std::vector<IN> y(n), gr(n), gk(n), gv(n), ga(n), gb(n);
     std::vector<float> sT(ns), ckpt(nck), glogw(n), gu(B * H * N), gs0(ns);
-    std::vector<float> scratch(wkv7_scratch_size(B, T, H, N) + wkv5_scratch_size(B, H, N));
+    std::vector<float> scratch(wkv7_scratch_size(B, H, N) + wkv5_scratch_size(B, H, N));
     check(wkv7_forward_cuda<IN, float>(B, T, H, N, r.data(), logw.data(), k.data(), v.data(), a.data(), b.data(),
                                        s0.data(), y.data(), sT.data(), ckpt.data(), nullptr), "wkv7 forward");
     check(wkv7_backward_cuda<IN, float>(B, T, H, N, r.data(), logw.data(), k.data(), v.data(), a.data(), b.data(),
