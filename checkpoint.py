@@ -1,13 +1,12 @@
 """
-Checkpoints: the crash-safe files train.py writes, the models they hold, the checks a resumed run must pass, and
-pretrained models from elsewhere (the Hugging Face hub, a Hugging Face directory, an official RWKV .pth).
+Checkpoints: the crash-safe files train.py writes, the models they hold and the checks a resumed run must pass.
+Files of other programs (Hugging Face directories, RWKV-LM .pth, quantized and rwkv.cpp files) are interop.py's.
 
 A run writes out_dir/ckpt-<iter>.pt (ckpt.pt is a hard link to the newest). Each checkpoint holds the weights, the
 optimizer and grad-scaler state, model_type and model_args, the full run config, the iteration, the best val loss,
 the tokenizer, every rank's RNG states, the run's id and a fingerprint of its train.bin.
 """
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -265,103 +264,3 @@ def check_resume(cfg, given, ckpt, path, train_bin):
         raise ConfigError(f"{train_bin} is not the file {path} was trained on (it was {recorded['size']:,} bytes, it "
                           f"is {train_bin.stat().st_size:,} now, or its contents changed); restore that data, or start"
                           f" a new run in another --out_dir")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# pretrained models from elsewhere
-
-def hub_or_local(name_or_path, hub_names):
-    """A local directory or file as given, or a hub model (one of hub_names) downloaded to the local cache. Offline,
-    a hub name fails with one line that says a local path works."""
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    if name_or_path not in hub_names:
-        raise ValueError(f"{name_or_path} is neither a local path nor a known model; expected a Hugging Face format "
-                         f"directory, a file, or one of {', '.join(hub_names)}")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(name_or_path, allow_patterns=['config.json', '*.safetensors', '*.bin',
-                                                                    '*.json']))
-    except Exception as e:  # the hub client raises many types (connection, HTTP, missing repo): say which, and why
-        raise ValueError(f"could not download {name_or_path} from the Hugging Face hub ({type(e).__name__}); "
-                         f"a local path works too: a directory with config.json and model weights") from e
-
-
-def load_hf_directory(directory):
-    """(config dict, state dict) of a Hugging Face format directory: config.json and model.safetensors or
-    pytorch_model.bin (sharded ones too). The weights are read without running any pickled code."""
-    directory = Path(directory)
-    if not (directory / 'config.json').is_file():
-        raise ValueError(f"{directory} has no config.json: not a Hugging Face format model directory")
-    config = json.loads((directory / 'config.json').read_text())
-    state = {}
-    files = sorted(directory.glob('*.safetensors'))
-    if files:
-        from safetensors.torch import load_file
-        for f in files:
-            state.update(load_file(f))
-    else:
-        files = sorted(directory.glob('pytorch_model*.bin'))
-        for f in files:
-            state.update(torch.load(f, map_location='cpu', weights_only=True))
-    if not files:
-        raise ValueError(f"{directory} has no model.safetensors or pytorch_model.bin")
-    return config, state
-
-
-def load_state_checked(model, state, source):
-    """Copy `state` into model: the key sets and every shape must match exactly."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{source} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    with torch.no_grad():
-        for k, v in state.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-            own[k].copy_(v)
-
-
-def load_pretrained(init_from, wkv_backend='auto', for_training=False):
-    """(model, model type, tokenizer spec) for a pretrained model: gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face format
-    directory (RWKV or GPT-2), an official RWKV .pth (version 4, 5, 6 or 7), or a quantized .safetensors of
-    export.py (inference only).
-    Errors are ConfigErrors of one line."""
-    from model_gpt import GPT
-    from model_rwkv import RWKV
-    from quantize import is_quantized_file, load_quantized
-    path = Path(init_from)
-    try:
-        if is_quantized_file(path):
-            if for_training:
-                raise ConfigError(f"{path} is a quantized model, for inference only: train from the float checkpoint "
-                                  f"it was exported from (--init_from=resume in its out_dir)")
-            return load_quantized(path)
-        if init_from in GPT.HUB_NAMES:
-            return GPT.from_pretrained(init_from), 'gpt', {'tokenizer': 'gpt2'}
-        if init_from in RWKV.HUB_NAMES:
-            return RWKV.from_pretrained(init_from, wkv_backend), 'rwkv', {'tokenizer': 'neox'}
-        if path.is_file():  # an official .pth: a Pile model (GPT-NeoX tokenizer) or a World model (vocab 65536)
-            model = RWKV.from_pretrained(path, wkv_backend)
-            return model, 'rwkv', {'tokenizer': 'world' if model.config.vocab_size == 65536 else 'neox'}
-        if path.is_dir():
-            config = path / 'config.json'
-            model_type = json.loads(config.read_text()).get('model_type') if config.is_file() else None
-            if model_type not in ('rwkv', 'gpt2'):
-                raise ConfigError(f"{path} is not a Hugging Face RWKV or GPT-2 directory (config.json model_type: "
-                                  f"{model_type})")
-            # the tokenizer: what export.py recorded, else the directory's tokenizer.json, else the family's usual
-            if (path / 'nanorwkv_tokenizer.json').is_file():
-                spec = json.loads((path / 'nanorwkv_tokenizer.json').read_text())
-            elif (path / 'tokenizer.json').is_file():
-                spec = {'tokenizer': 'file', 'path': str(path / 'tokenizer.json')}
-            else:
-                spec = {'tokenizer': 'neox' if model_type == 'rwkv' else 'gpt2'}
-            if model_type == 'rwkv':
-                return RWKV.from_pretrained(path, wkv_backend), 'rwkv', spec
-            return GPT.from_pretrained(path), 'gpt', spec
-    except ValueError as e:  # from_pretrained's errors are one line already
-        raise ConfigError(str(e)) from e
-    raise ConfigError(f"init_from={init_from!r}: expected {', '.join(GPT.HUB_NAMES)}, RWKV/rwkv-4-{{169m,430m,1b5,"
-                      f"3b,7b,14b}}-pile, a Hugging Face directory, an RWKV .pth or a quantized .safetensors")

@@ -12,9 +12,9 @@ formats 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4': the model quantized for CPU infe
 format 'rwkvcpp': RWKV only, an rwkv.cpp model file (docs/FILE_FORMAT.md there) of --rwkvcpp_type FP32, FP16 (file
   version 100) or Q8_0, Q5_1, Q4_0 (version 101, ggml's current blocks; the embedding and head stay FP32).
 """
-import json
 from pathlib import Path
 
+import interop
 from checkpoint import load_latest_checkpoint, model_from_checkpoint
 from configurator import ConfigError, Option, parse_config, run_script
 
@@ -45,18 +45,14 @@ def main(argv):
                           f"quantized format")
     try:
         if cfg.format == 'pth':
-            model.save_pth(dest)
+            interop.save_pth(model, dest)
         elif cfg.format == 'rwkvcpp':
-            from quantize import save_rwkvcpp
-            save_rwkvcpp(model, dest, cfg.rwkvcpp_type)
+            interop.save_rwkvcpp(model, dest, cfg.rwkvcpp_type)
         elif cfg.format != 'hf':
-            from quantize import save_quantized
             model.quantize_(cfg.format, head=None if cfg.head == 'default' else cfg.head)
-            save_quantized(model, dest, ckpt['model_type'], ckpt.get('tokenizer'))
-        else:
-            model.save_pretrained(dest)
-            # the tokenizer the model was trained with, for sample.py and for people
-            (dest / 'nanorwkv_tokenizer.json').write_text(json.dumps(ckpt.get('tokenizer', {'tokenizer': 'gpt2'})))
+            interop.save_quantized(model, dest, ckpt['model_type'], ckpt.get('tokenizer'))
+        else:  # with the tokenizer the model was trained with, for sample.py and for people
+            interop.save_pretrained(model, dest, ckpt.get('tokenizer', {'tokenizer': 'gpt2'}))
     except ValueError as e:  # a model the format cannot hold (MoE, attention options)
         raise ConfigError(str(e)) from e
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError

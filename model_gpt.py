@@ -6,10 +6,8 @@ scaled_dot_product_attention (flash attention where the device has it).
 References: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2);
 https://github.com/openai/gpt-2/blob/master/src/model.py; https://github.com/karpathy/nanoGPT/blob/master/model.py.
 """
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -17,7 +15,6 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from attention import CausalSelfAttention, check_attention
-from checkpoint import hub_or_local, load_hf_directory, load_state_checked
 from moe import MoE, check_moe
 from sampling import generate_tokens
 
@@ -183,61 +180,17 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    # Hugging Face GPT2LMHeadModel stores these four as Conv1D, (in, out): the transpose of nn.Linear's weight
-    HF_TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-    HUB_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
-
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0):
-        """GPT-2 from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded once) or a local Hugging Face
-        format directory (config.json + model.safetensors / pytorch_model.bin), e.g. one save_pretrained wrote, or a
-        quantized .safetensors of export.py."""
-        from quantize import is_quantized_file, load_quantized
-        path = hub_or_local(name_or_path, cls.HUB_NAMES)
-        if is_quantized_file(path):  # export.py's quantized .safetensors: the model comes out quantized
-            return load_quantized(path, expect='gpt')[0]
-        hf, state = load_hf_directory(path)
-        if hf.get('model_type') != 'gpt2':
-            raise ValueError(f"{name_or_path} is a '{hf.get('model_type')}' model, not GPT-2")
-        config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
-                           n_head=hf['n_head'], n_embd=hf['n_embd'], dropout=dropout, bias=True)
-        with torch.device('meta'):  # every tensor is loaded below: skip the init
-            model = cls(config)
-        model.to_empty(device='cpu')
-        model.transformer.wte.weight = model.lm_head.weight  # to_empty unties them
-        state = {(k if k.startswith('lm_head') else k if k.startswith('transformer.') else 'transformer.' + k): v
-                 for k, v in state.items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
-        state['lm_head.weight'] = state.get('lm_head.weight', state['transformer.wte.weight'])  # tied
-        state = {k: v.t() if k.endswith(cls.HF_TRANSPOSED) else v for k, v in state.items()}
-        load_state_checked(model, {k: v.float() for k, v in state.items()}, name_or_path)
-        return model
+        """GPT-2 from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local Hugging Face directory or a quantized
+        .safetensors of export.py (interop.load_gpt)."""
+        from interop import load_gpt
+        return load_gpt(name_or_path, dropout)
 
     def save_pretrained(self, directory):
-        """Write a Hugging Face format directory that transformers loads as GPT2LMHeadModel."""
-        from safetensors.torch import save_file
-        cfg = self.config
-        if getattr(self, 'quantized', None):
-            raise ValueError(f"the model is quantized ({self.quantized[0]}): export the float model it came from")
-        if cfg.attn_window or cfg.attn_kv_heads not in (0, cfg.n_head) or cfg.moe_experts:
-            raise ValueError("GPT2LMHeadModel has no sliding window, grouped-query attention or mixture of experts: "
-                             "save this model with train.py's checkpoints instead")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().cpu() for k, v in self.state_dict().items() if k != 'lm_head.weight'}
-        if not cfg.bias:  # GPT2LMHeadModel always has biases: zeros are the same function
-            for name, module in self.named_modules():
-                if isinstance(module, nn.Linear) and name != 'lm_head':
-                    state[f'{name}.bias'] = torch.zeros(module.out_features)
-                elif isinstance(module, nn.LayerNorm):
-                    state[f'{name}.bias'] = torch.zeros(module.weight.shape)
-        state = {k: (v.t() if k.endswith(self.HF_TRANSPOSED) else v).contiguous() for k, v in state.items()}
-        save_file(state, directory / 'model.safetensors', metadata={'format': 'pt'})
-        hf = {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': cfg.vocab_size,
-              'n_positions': cfg.block_size, 'n_embd': cfg.n_embd, 'n_layer': cfg.n_layer, 'n_head': cfg.n_head,
-              'activation_function': 'gelu_new', 'layer_norm_epsilon': 1e-5, 'resid_pdrop': cfg.dropout,
-              'embd_pdrop': cfg.dropout, 'attn_pdrop': cfg.dropout, 'tie_word_embeddings': True,
-              'bos_token_id': 50256, 'eos_token_id': 50256}
-        (directory / 'config.json').write_text(json.dumps(hf, indent=2))
+        """A Hugging Face directory that transformers loads as GPT2LMHeadModel (interop.save_gpt_hf)."""
+        from interop import save_gpt_hf
+        save_gpt_hf(self, directory)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on every >= 2-D tensor (matmul weights, embeddings) and none on biases and

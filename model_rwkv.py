@@ -28,11 +28,9 @@ References: Peng et al. 2023, "RWKV: Reinventing RNNs for the Transformer Era" (
 "Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence" (arXiv:2404.05892); Peng et al. 2025,
 "RWKV-7 Goose with Expressive Dynamic State Evolution" (arXiv:2503.14456); https://github.com/BlinkDL/RWKV-LM.
 """
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -41,7 +39,6 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from attention import CausalSelfAttention, check_attention
-from checkpoint import hub_or_local, load_hf_directory, load_state_checked
 from moe import MoE, check_moe
 from sampling import generate_tokens
 from wkv_cuda import BACKENDS, initial_state, wkv, wkv_step
@@ -742,7 +739,9 @@ class RWKV(nn.Module):
         """RWKV-LM's fp16 inference trick (RWKV-v4neo/src/model_run.py): divide att.output and ffn.value of layer i
         by 2^(i // every) and halve x after every `every` layers. The same function in exact arithmetic, but fp16
         activations stay in range. Only for inference: it changes what the weights mean."""
-        self.check_rwkv4('rescale_for_fp16')
+        if self.config.moe_experts or self.config.attn_layers:
+            raise ValueError("rescale_for_fp16: MoE channel mixes and attention layers have no att.output / "
+                             "ffn.value to rescale")
         if self.config.rescale_every:
             raise ValueError(f"the weights are already rescaled (rescale_every={self.config.rescale_every})")
         for i, block in enumerate(self.blocks):
@@ -757,93 +756,23 @@ class RWKV(nn.Module):
         from quantize import quantize_model
         return quantize_model(self, fmt, head, 'head')
 
-    def check_rwkv4(self, what):
-        """The RWKV-4 of RWKV-LM and transformers has no MoE nor attention layers: no file of theirs can hold them."""
-        if self.config.moe_experts or self.config.attn_layers:
-            has = 'MoE channel mixes' if self.config.moe_experts else 'attention layers'
-            raise ValueError(f"{what}: this model has {has}, which RWKV-LM's and transformers' RWKV-4 do not; keep "
-                             f"train.py's checkpoint instead")
-
-    def plain_state_dict(self):
-        """The weights in RWKV-LM's own form (never rescaled), fp32 on the CPU, RWKV-LM's names."""
-        self.check_rwkv4('export')
-        if getattr(self, 'quantized', None):
-            raise ValueError(f"the model is quantized ({self.quantized[0]}): export the float model it came from")
-        state = {k: v.detach().float().cpu().clone() for k, v in self.state_dict().items()}
-        r = self.config.rescale_every
-        for i in range(self.config.n_layer if r else 0):
-            for name in (f'blocks.{i}.att.output.weight', f'blocks.{i}.ffn.value.weight'):
-                state[name] *= 2 ** (i // r)
-        return state
-
-    HUB_NAMES = tuple(f'RWKV/rwkv-4-{size}-pile' for size in ('169m', '430m', '1b5', '3b', '7b', '14b'))
-
+    # the files of RWKV-LM, transformers and export.py: interop.py reads and writes them; these are its front doors
     @classmethod
     def from_pretrained(cls, name_or_path, wkv_backend='auto'):
-        """RWKV-4 from an official BlinkDL .pth file (RWKV-4-Pile-*.pth; shapes inferred from the tensors), a local
-        Hugging Face format directory (config.json + model.safetensors / pytorch_model.bin), a hub name
-        RWKV/rwkv-4-{169m,430m,1b5,3b,7b,14b}-pile (downloaded once), or a quantized .safetensors of export.py."""
-        from quantize import is_quantized_file, load_quantized
-        path = hub_or_local(name_or_path, cls.HUB_NAMES)
-        if is_quantized_file(path):  # export.py's quantized .safetensors: the model comes out quantized
-            return load_quantized(path, expect='rwkv')[0]
-        if path.is_dir():
-            hf, hf_state = load_hf_directory(path)
-            if hf.get('model_type') != 'rwkv':
-                raise ValueError(f"{name_or_path} is a '{hf.get('model_type')}' model, not RWKV")
-            C = hf['hidden_size']
-            if hf.get('attention_hidden_size') not in (None, C):
-                raise ValueError(f"{name_or_path}: attention_hidden_size != hidden_size is not supported")
-            config = RWKVConfig(block_size=hf.get('context_length', 1024), vocab_size=hf['vocab_size'],
-                                n_layer=hf['num_hidden_layers'], n_embd=C, dim_ffn=hf.get('intermediate_size') or 0,
-                                wkv_backend=wkv_backend)
-            with torch.device('meta'):  # names only: no memory, no init
-                hf_to_ours = {hf_name(n): n for n in cls(config).state_dict()}
-            unknown = sorted(set(hf_state) - set(hf_to_ours))
-            if unknown:
-                raise ValueError(f"{name_or_path} has tensors an RWKV-4 does not: {unknown[:4]}")
-            state = {hf_to_ours[k]: v for k, v in hf_state.items()}
-        else:
-            state = load_official_pth(path)
-            try:
-                config = RWKVConfig(wkv_backend=wkv_backend, **pth_config(state))
-            except KeyError as e:
-                raise ValueError(f"{name_or_path} is an incomplete RWKV checkpoint: it has no {e.args[0]}") from e
-            state = from_rwkv_lm(state, config.version)
-        with torch.device('meta'):  # every tensor is loaded below: skip the (slow, for big models) init
-            model = cls(config)
-        model.to_empty(device='cpu')
-        own = model.state_dict()
-        # the rwkv pip package squeezes size-1 dimensions: take (C,) for a (1, 1, C) parameter, nothing else
-        state = {k: v.reshape(own[k].shape) if k in own and v.shape != own[k].shape and
-                 v.squeeze().shape == own[k].squeeze().shape else v for k, v in state.items()}
-        load_state_checked(model, {k: v.float() for k, v in state.items()}, name_or_path)
-        return model
+        """An official BlinkDL .pth of any version, a Hugging Face RWKV-4 directory, a hub name
+        RWKV/rwkv-4-{169m,430m,1b5,3b,7b,14b}-pile or a quantized .safetensors of export.py (interop.load_rwkv)."""
+        from interop import load_rwkv
+        return load_rwkv(name_or_path, wkv_backend)
 
     def save_pretrained(self, directory):
-        """Write a Hugging Face format directory (config.json + model.safetensors) that transformers loads as
-        RwkvForCausalLM."""
-        from safetensors.torch import save_file
-        if self.config.version > 4:
-            raise ValueError(f"transformers has no class for RWKV-{self.config.version} (its RwkvForCausalLM is "
-                             f"RWKV-4): export the official .pth instead (save_pth, export.py --format=pth)")
-        state = {hf_name(k): v for k, v in self.plain_state_dict().items()}
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(state, directory / 'model.safetensors', metadata={'format': 'pt'})
-        cfg = self.config
-        # rescale_every 6 is transformers' default: it rescales at inference time itself, in its own copy
-        hf = {'architectures': ['RwkvForCausalLM'], 'model_type': 'rwkv', 'vocab_size': cfg.vocab_size,
-              'context_length': cfg.block_size, 'hidden_size': cfg.n_embd, 'num_hidden_layers': cfg.n_layer,
-              'attention_hidden_size': cfg.n_embd, 'intermediate_size': cfg.dim_ffn, 'layer_norm_epsilon': 1e-5,
-              'rescale_every': 6, 'tie_word_embeddings': False, 'bos_token_id': 0, 'eos_token_id': 0}
-        (directory / 'config.json').write_text(json.dumps(hf, indent=2))
+        """A Hugging Face directory that transformers loads as RwkvForCausalLM (RWKV-4; interop.save_rwkv_hf)."""
+        from interop import save_rwkv_hf
+        save_rwkv_hf(self, directory)
 
     def save_pth(self, path):
-        """Write an official .pth (RWKV-LM's names and key set, fp32) that BlinkDL's code and the rwkv pip package
-        load. Version 5.1 is written in the layout the rwkv pip package reads as v5.1 (time_mix = 1 - time_maa);
-        RWKV-7's layer 0 carries the v0/v1/v2 that RWKV-LM creates there and never uses (at their init values)."""
-        torch.save(to_rwkv_lm(self.plain_state_dict(), self.config), path)
+        """An official .pth that RWKV-LM and the rwkv pip package load (any version; interop.save_pth)."""
+        from interop import save_pth
+        save_pth(self, path)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lr_scale=True):
         """AdamW; weight decay only on the 2-D '.weight' matrices (not LayerNorms, the time_* vectors, the LoRAs nor
@@ -912,99 +841,3 @@ class RWKV(nn.Module):
             logits = advance(idx)
         return generate_tokens(advance, logits, idx, max_new_tokens, temperature, top_k, top_p, on_token,
                                stop_token)
-
-
-def hf_name(name):
-    """Our parameter name (= RWKV-LM's) -> transformers' RwkvForCausalLM name; the renames of transformers'
-    models/rwkv/convert_rwkv_checkpoint_to_hf.py."""
-    if name == 'head.weight':
-        return name
-    name = re.sub(r'^emb\.', 'embeddings.', name).replace('blocks.0.ln0.', 'blocks.0.pre_ln.')
-    name = name.replace('.att.', '.attention.').replace('.ffn.', '.feed_forward.')
-    name = re.sub(r'time_mix_([kvr])$', lambda m: {'k': 'time_mix_key', 'v': 'time_mix_value',
-                                                   'r': 'time_mix_receptance'}[m[1]], name)
-    return 'rwkv.' + name
-
-
-def load_official_pth(path):
-    """The tensors of a BlinkDL RWKV .pth, loaded without running pickled code; anything else is an error."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or corrupt files
-        raise ValueError(f"{path} is not a readable .pth checkpoint ({type(e).__name__})") from e
-    if not isinstance(state, dict) or 'emb.weight' not in state or 'blocks.0.ln1.weight' not in state:
-        raise ValueError(f"{path} is not an RWKV checkpoint (no emb.weight / blocks.0.ln1.weight)")
-    return state
-
-
-def pth_version(state):
-    """The RWKV-LM version of a .pth, told apart by its keys and shapes as the rwkv pip package does."""
-    if 'blocks.0.att.r_k' in state:
-        return 7
-    if 'blocks.0.att.time_maa_x' in state:
-        return 6
-    if 'blocks.0.att.ln_x.weight' in state:
-        if 'blocks.0.att.gate.weight' not in state:
-            raise ValueError("this .pth is RWKV-5.0 (no gate), which nanoRWKV does not run; RWKV-4, 5.1, 5.2, 6 and "
-                             "7 it does")
-        decay = state['blocks.0.att.time_decay']
-        return 5 if decay.dim() > 1 and decay.shape[1] > 1 else 5.1  # a decay per channel (5.2) or per head (5.1)
-    return 4
-
-
-def pth_config(state):
-    """RWKVConfig arguments read off an RWKV-LM state dict (any version): sizes from the tensors' shapes."""
-    version = pth_version(state)
-    V, C = state['emb.weight'].shape
-    args = dict(version=version, vocab_size=V, n_embd=C, dim_ffn=state['blocks.0.ffn.key.weight'].shape[0],
-                n_layer=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')))
-    att = {k[len('blocks.0.att.'):]: v for k, v in state.items() if k.startswith('blocks.0.att.')}
-    if version == 7:
-        v1 = state.get('blocks.1.att.v1', att.get('v1'))
-        args.update(head_size=att['r_k'].shape[-1], lora_dims=(att['w1'].shape[1], att['a1'].shape[1],
-                                                                v1.shape[1], att['g1'].shape[1]))
-    elif version == 6:
-        args.update(head_size=att['time_faaaa'].shape[-1],
-                    lora_dims=(att['time_maa_w1'].shape[1] // 5, att['time_decay_w1'].shape[1]))
-    elif version == 5:
-        args.update(head_size=att['time_decay'].shape[1])
-    elif version == 5.1:
-        args.update(head_size=C // att['time_decay'].shape[0])
-    return args
-
-
-MIX_51 = re.compile(r'\.(att\.time_m(ix|aa)_[kvrg]|ffn\.time_m(ix|aa)_[kr])$')
-
-
-def from_rwkv_lm(state, version):
-    """An RWKV-LM state dict in our names: 5.1's time_mix become x051a's time_maa = 1 - time_mix, a per-head decay
-    and bonus get their (H, 1) shape, RWKV-7's unused layer-0 v0/v1/v2 are dropped, and an old RWKV-5/6 file's
-    time_first (u = exp(time_first), the rwkv pip package reads it so) becomes time_faaaa."""
-    out = {}
-    for k, v in state.items():
-        if version == 7 and re.fullmatch(r'blocks\.0\.att\.v[012]', k):
-            continue
-        if version == 5.1 and MIX_51.search(k) and '.time_mix_' in k:
-            k, v = k.replace('.time_mix_', '.time_maa_'), 1 - v.float()
-        if version > 4 and k.endswith('.time_first'):
-            k, v = k[:-len('time_first')] + 'time_faaaa', torch.exp(v.float())
-        if version == 5.1 and k.endswith(('.time_decay', '.time_faaaa')):
-            v = v.reshape(-1, 1)
-        out[k] = v
-    return out
-
-
-def to_rwkv_lm(state, config):
-    """Our plain state dict as RWKV-LM's .pth: from_rwkv_lm's inverse."""
-    out = {}
-    for k, v in state.items():
-        if config.version == 5.1 and MIX_51.search(k):
-            k, v = k.replace('.time_maa_', '.time_mix_'), 1 - v
-        out[k] = v
-    if config.version == 7:  # RWKV_Tmix_x070 layer 0's v0 / v1 / v2 at their constructor values (v2: zeros)
-        C = config.n_embd
-        linear = torch.arange(C, dtype=torch.float32) / max(C - 1, 1) - 0.5
-        d_v = config.lora_dims[2]
-        out.update({'blocks.0.att.v0': (0.73 - linear * 0.4).view(1, 1, C), 'blocks.0.att.v1': torch.zeros(C, d_v),
-                    'blocks.0.att.v2': torch.zeros(d_v, C)})
-    return out

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_latest_checkpoint, load_pretrained, model_from_checkpoint
+from checkpoint import load_latest_checkpoint, model_from_checkpoint
 from configurator import ConfigError, Option, parse_config, run_script
 from hardware import DEVICE, DTYPES, autocast_context, resolve_device, resolve_dtype
+from interop import load_pretrained
 from tokenizer import get_codec
 
 OPTIONS = dict(

@@ -29,10 +29,11 @@ import torch
 
 from bptt import evaluate, forward_backward
 from checkpoint import (build_model, check_resume, claim_out_dir, data_fingerprint, load_latest_checkpoint,
-                        load_pretrained, model_config, model_from_checkpoint, new_run_id, save_checkpoint)
+                        model_config, model_from_checkpoint, new_run_id, save_checkpoint)
 from configurator import ConfigError, Option, parse_config
 from hardware import (DEVICE, DTYPES, autocast_context, measure_peak_flops, resolve_device, resolve_dtype,
                       start_distributed)
+from interop import load_pretrained
 from wkv_cuda import BACKENDS, resolve_backend
 
 # -----------------------------------------------------------------------------

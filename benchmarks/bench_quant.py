@@ -2,7 +2,7 @@
 Quantized CPU decoding (quantize.py): tokens/s of RWKV-4's RNN step with its weights in fp32, int8, q8_0, q5_1,
 q4_0 and int4, against the rivals that run offline on the same weights: the `rwkv` pip package ('cpu fp32' and
 'cpu fp32i8'), torch.ao dynamic int8 on our model, and rwkv.cpp's library (FP32 from our file, Q4_0 / Q4_1 from its
-own quantizer) where it loads (quantize.RwkvCpp). Then held-out perplexity per format on trained checkpoints.
+own quantizer) where it loads (benchmarks/rwkvcpp.py). Then held-out perplexity per format on trained checkpoints.
 
 $ python benchmarks/bench_quant.py                                   # 169M shape (L12 C768 V50277), 1 and 2 threads
 $ python benchmarks/bench_quant.py --checkpoints="['out-shakespeare-char']" --n_tokens=8
@@ -118,7 +118,8 @@ def speed_rows(cfg, tmp):
             rows.append((f"rwkv pip '{strategy}'", 1, None, factory))
     except ImportError:
         print("(the rwkv pip package is not installed: its rows are left out)")
-    from quantize import RwkvCpp, save_rwkvcpp
+    from interop import save_rwkvcpp
+    from rwkvcpp import RwkvCpp
     try:
         lib = RwkvCpp()
     except (FileNotFoundError, OSError) as e:
@@ -148,7 +149,7 @@ def speed_rows(cfg, tmp):
 
 def file_sizes(src, pth, tmp):
     """Bytes on disk of the fp32 .pth, each quantized .safetensors (head quantized) and each rwkv.cpp file."""
-    from quantize import save_quantized, save_rwkvcpp
+    from interop import save_quantized, save_rwkvcpp
     base = pth.stat().st_size
     print(f"| file | MB | vs fp32 .pth |\n|---|---|---|\n| fp32 .pth (RWKV-LM) | {base / 1e6:.1f} | 1.00 |")
     for fmt in FORMATS[1:]:

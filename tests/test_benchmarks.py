@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 L, C, V = 2, 32, 17
 

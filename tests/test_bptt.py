@@ -135,6 +135,7 @@ def test_saved_memory_does_not_grow_with_the_sample():
     assert plain[1]['saved_mb'] >= 5 * seg[1]['saved_mb']
 
 
+@pytest.mark.slow
 def test_train_py_ctx_len_trains_what_a_full_length_run_trains(dataset, tmp_path):
     # RWKV's weights do not depend on block_size: 2 segments of 16 with full BPTT = one pass over 32 tokens
     seg = run('train.py', *args('rwkv', dataset, tmp_path / 'seg', 6), '--block_size=16', '--ctx_len=32')
@@ -149,6 +150,7 @@ def test_train_py_ctx_len_trains_what_a_full_length_run_trains(dataset, tmp_path
     assert '(state reset every 16: ' in seg.stdout  # the val loss with the context cut to block_size, beside it
 
 
+@pytest.mark.slow
 def test_full_bptt_learns_a_recall_that_truncation_cannot(tmp_path):
     r = run('benchmarks/bench_long_range.py', '--iters=600', '--distances=[32, 63]', '--eval_samples=128',
             f'--out={tmp_path / "lr.json"}', cwd=tmp_path)

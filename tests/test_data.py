@@ -10,6 +10,7 @@ import pytest
 from helpers import REPO, one_line_error, word_tokenizer
 
 
+@pytest.mark.slow
 def test_openwebtext_prepare_on_a_local_file(tmp_path):
     pytest.importorskip('datasets')
     words = ['alpha', 'beta', 'gamma', 'delta']
@@ -36,6 +37,7 @@ def test_openwebtext_prepare_on_a_local_file(tmp_path):
     assert not list(out.glob('*.partial'))
 
 
+@pytest.mark.slow
 def test_openwebtext_prepare_bad_inputs(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / 'data/openwebtext/prepare.py'), '--tokenizer=bpe2000'],
                        capture_output=True, text=True, timeout=300)
@@ -67,6 +69,7 @@ def test_tinystories_prepare_uses_both_hub_splits(tmp_path, monkeypatch):
         assert np.fromfile(tmp_path / 'ts' / f'{split}.bin', dtype=np.uint16).tolist() == expect
 
 
+@pytest.mark.slow
 def test_tinystories_offline_names_an_offline_dataset(tmp_path):
     word_tokenizer(tmp_path / 'tok.json', ['once'])  # a local tokenizer: nothing to fetch
     r = subprocess.run([sys.executable, str(REPO / 'data/tinystories/prepare.py'),
@@ -81,6 +84,7 @@ def test_tinystories_offline_names_an_offline_dataset(tmp_path):
     one_line_error(r, 'prepare.py', "tokenizer must be")
 
 
+@pytest.mark.slow
 def test_shakespeare_bpe_prepare(tmp_path):
     words = ['to', 'be', 'or', 'not']
     vocab = word_tokenizer(tmp_path / 'tok.json', words)
@@ -99,6 +103,7 @@ def test_shakespeare_bpe_prepare(tmp_path):
     assert (meta['train_tokens'], meta['val_tokens']) == (len(text[:n].split()), len(text[n:].split()))
 
 
+@pytest.mark.slow
 def test_shakespeare_bpe_token_counts_match_nanogpt(tmp_path):
     # nanoGPT's README: "train.bin has 301,966 tokens, val.bin has 36,059 tokens". Needs the tiny shakespeare text
     # and the GPT-2 ranks already in tokenizer.py's cache, which it then reads without asking tiktoken's server: the

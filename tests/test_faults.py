@@ -15,6 +15,8 @@ import torch
 
 from helpers import REPO, args, loss_lines, one_line_error, run
 
+pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
+
 
 @pytest.mark.parametrize('model_type', ['gpt', 'rwkv'])
 def test_resume_is_exact(model_type, dataset, tmp_path):

@@ -8,6 +8,7 @@ import torch
 from model_gpt import GPT
 from model_rwkv import RWKV
 from helpers import tiny_gpt, tiny_rwkv
+from interop import plain_state_dict
 
 transformers = pytest.importorskip('transformers')
 V, T = 37, 11
@@ -168,7 +169,7 @@ def test_rescale_for_fp16_is_the_same_function():
     idx = tokens(7)
     with torch.no_grad():
         want, _ = model.prefill(idx)
-        plain = model.plain_state_dict()
+        plain = plain_state_dict(model)
         model.rescale_for_fp16(every=2)
         got, _ = model.prefill(idx)
         rnn, state = [], None
@@ -178,7 +179,7 @@ def test_rescale_for_fp16_is_the_same_function():
     assert model.blocks[4].att.output.weight.abs().max() < plain['blocks.4.att.output.weight'].abs().max()
     # LayerNorm's epsilon is the only thing that sees the scale
     assert max_diff(got, want) <= 1e-4 and max_diff(torch.stack(rnn, 1), want) <= 1e-4
-    for k, v in model.plain_state_dict().items():  # export undoes the rescaling
+    for k, v in plain_state_dict(model).items():  # export undoes the rescaling
         torch.testing.assert_close(v, plain[k].float())
 
 

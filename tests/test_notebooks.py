@@ -8,6 +8,7 @@ from helpers import REPO
 nbclient = pytest.importorskip('nbclient')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['rwkv_tutorial.ipynb', 'model_sizing.ipynb'])
 def test_notebook_runs_and_its_claims_hold(name):
     committed = nbformat.read(REPO / name, as_version=4)
@@ -22,6 +23,7 @@ def test_notebook_runs_and_its_claims_hold(name):
     assert not errors
 
 
+@pytest.mark.slow
 def test_animation_script_draws_both_gifs(tmp_path):
     from PIL import Image
 

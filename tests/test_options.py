@@ -256,6 +256,7 @@ VARIANT_ARGS = {  # the options, and one that changes the architecture (a resume
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', list(VARIANT_ARGS))
 def test_train_resume_and_sample(variant, dataset, tmp_path):
     model_type, extra, other = VARIANT_ARGS[variant]
@@ -294,6 +295,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model_type,extra,message', BAD, ids=[' '.join(b[1]) for b in BAD])
 def test_impossible_settings_are_one_line(model_type, extra, message, dataset, tmp_path):
     r = run('train.py', *args(model_type, dataset, tmp_path / 'o', 2, *extra))
@@ -309,6 +311,7 @@ def test_exports_refuse_what_the_formats_cannot_hold(tmp_path):
         tiny_rwkv(attn_layers=(0,), n_head=2).save_pretrained(tmp_path / 'r')
 
 
+@pytest.mark.slow
 def test_tinystories_configs_run_on_a_local_text_file(tmp_path):
     """The TinyStories configs (GPU-sized, and the CPU one on a local file) with their sizes shrunk: every key they set
     exists and their models train; the data comes from a local .txt through data/tinystories/prepare.py."""

@@ -170,10 +170,12 @@ def test_quantized_model_refuses_training():
         tiny_gpt().quantize_('int8').save_pretrained('never-written')
 
 
+@pytest.mark.slow
 def test_export_load_sample_and_refusals(dataset, tmp_path):
     r = run('train.py', *args('rwkv', dataset, tmp_path / 'o', 4, '--n_embd=64'))
     assert r.returncode == 0, r.stderr
-    from checkpoint import load_latest_checkpoint, load_pretrained, model_from_checkpoint
+    from checkpoint import load_latest_checkpoint, model_from_checkpoint
+    from interop import load_pretrained
     float_model = model_from_checkpoint(load_latest_checkpoint(tmp_path / 'o', 'cpu')[0]).eval()
     idx = torch.randint(0, 10, (1, 9), generator=torch.Generator().manual_seed(4))
     for fmt in ('int8', 'q4_0'):
@@ -201,7 +203,7 @@ def test_export_load_sample_and_refusals(dataset, tmp_path):
 
 
 def test_quantized_gpt_file_round_trip(tmp_path):
-    from quantize import save_quantized
+    from interop import save_quantized
     for head in (True, False):  # a float head stays tied to the embedding; a quantized one is saved apart
         model = tiny_gpt(n_embd=64, vocab_size=40).quantize_('q8_0', head=head)
         save_quantized(model, tmp_path / 'g.safetensors', 'gpt', {'tokenizer': 'gpt2'})
@@ -215,7 +217,7 @@ def test_quantized_gpt_file_round_trip(tmp_path):
 
 def test_file_size_is_the_formats_arithmetic(tmp_path):
     """int8 with the head quantized: 1 byte per matrix weight plus a float per row; the embedding and vectors fp32."""
-    from quantize import save_quantized
+    from interop import save_quantized
     model = tiny_rwkv(dtype=torch.float32, n_embd=64, vocab_size=40).quantize_('int8', head=True)
     path = tmp_path / 'm.safetensors'
     save_quantized(model, path, 'rwkv')
@@ -272,7 +274,7 @@ def read_rwkvcpp(path):
 
 @pytest.mark.parametrize('data_type', ['FP32', 'FP16', 'Q8_0', 'Q5_1', 'Q4_0'])
 def test_rwkvcpp_file_read_back_by_an_independent_reader(data_type, tmp_path):
-    from quantize import save_rwkvcpp
+    from interop import save_rwkvcpp
     model = tiny_rwkv(dtype=torch.float32, n_embd=64, vocab_size=40)
     save_rwkvcpp(model, tmp_path / 'm.bin', data_type)
     header, tensors = read_rwkvcpp(tmp_path / 'm.bin')
@@ -299,8 +301,9 @@ def test_rwkvcpp_file_read_back_by_an_independent_reader(data_type, tmp_path):
 
 
 def test_rwkvcpp_library_runs_our_files(tmp_path):
-    """Where rwkv.cpp's library loads (see quantize.RwkvCpp), it runs our FP32 file to our step's logits and state."""
-    from quantize import RwkvCpp, save_rwkvcpp
+    """Where rwkv.cpp's library loads (see benchmarks/rwkvcpp.py), it runs our FP32 file to our step's logits and state."""
+    from benchmarks.rwkvcpp import RwkvCpp
+    from interop import save_rwkvcpp
     try:
         lib = RwkvCpp()
     except (FileNotFoundError, OSError) as e:
@@ -326,6 +329,7 @@ def test_rwkvcpp_library_runs_our_files(tmp_path):
         lib.free(ctx)
 
 
+@pytest.mark.slow
 def test_portable_scalar_kernel_equals_dequantized_matmul(tmp_path):
     """The kernels' path for CPUs without AVX2, built here without -mavx2 (a fresh build directory): the same results
     as a float matmul of the dequantized weights, for every format, batch 1 and 5."""

@@ -17,6 +17,8 @@ import torch
 from checkpoint import model_from_checkpoint, run_id_of
 from helpers import REPO, args, loss_lines, one_line_error, run
 
+pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
+
 FIXTURES = Path(__file__).resolve().parent / 'fixtures'
 
 

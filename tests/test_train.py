@@ -9,6 +9,8 @@ import torch
 from checkpoint import model_from_checkpoint
 from helpers import REPO, eval_lines, one_line_error, run, tiny_args
 
+pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
+
 
 @pytest.fixture(scope='module', params=['gpt', 'rwkv'])
 def trained(request, dataset, tmp_path_factory):

@@ -155,6 +155,7 @@ def test_backend_for_wrong_device_is_an_error():
         wkv(*make_inputs(1, 2, 2), backend='cuda')
 
 
+@pytest.mark.slow
 def test_kernel_under_torch_compile_has_no_graph_break():
     inputs = [t.float() for t in make_inputs(2, 9, 6)]
 
@@ -190,6 +191,7 @@ def find_nvcc():
     return home if Path(home, 'bin', 'nvcc').is_file() else None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.version.cuda is None, reason='a CPU-only build of torch cannot link CUDA extensions')
 @pytest.mark.skipif(find_nvcc() is None, reason='nvcc not found (set CUDA_HOME)')
 @pytest.mark.parametrize('op', ['wkv4', 'wkv7'])  # wkv5's binding is wkv7's pattern on binding.h; its .cu: ptxas test
@@ -206,6 +208,7 @@ def test_cuda_extension_compiles_and_links(op, tmp_path):
     assert list(tmp_path.glob(f'{wkv_cuda.EXTENSION_NAMES[op]}_cuda*.so'))
 
 
+@pytest.mark.slow
 def test_cpu_kernel_under_ddp_matches_one_process(dataset, tmp_path):
     # two gloo processes train the RWKV with the compiled kernel through DDP: the same losses as one process that
     # accumulates both micro-batches (the data order depends on the iteration alone)
@@ -223,6 +226,7 @@ def test_cpu_kernel_under_ddp_matches_one_process(dataset, tmp_path):
         assert b[i] == pytest.approx(a[i], rel=1e-5), i
 
 
+@pytest.mark.slow
 def test_benchmark_script_runs(tmp_path):
     # end to end on a tiny setting; no timing is asserted
     r = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'bench_wkv.py'), '--shapes=[(2, 9, 5)]',

@@ -123,6 +123,7 @@ def test_gradcheck_cpu_kernel(name):
     assert torch.autograd.gradcheck(lambda *t: fn(*t, backend='cpu'), x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['rwkv6', 'rwkv7'])
 def test_kernel_under_torch_compile_has_no_graph_break(name):
     fn, _, make, _, _ = OPS[name]
@@ -194,6 +195,7 @@ def test_build_failure_auto_falls_back_explicit_errors(capsys, monkeypatch):
         wkv5(*x, backend='cpu')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('version,key', [(7, ('wkv7', 'cpu')), (6, ('wkv5', 'cpu')), (4, 'cpu')])
 def test_a_model_builds_only_its_kernel(version, key):  # RWKV-4's extension is keyed by its device alone
     code = ("import torch, wkv_cuda; from model_rwkv import RWKV, RWKVConfig; "
@@ -248,12 +250,14 @@ def run_tsan(exe):
     return subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_cuda_kernels_have_no_data_race(tmp_path):
     r = run_tsan(tsan_build(tmp_path))
     assert r.returncode == 0 and 'ThreadSanitizer' not in r.stderr, r.stderr[-3000:]
     assert r.stdout.strip() == 'ok'
 
 
+@pytest.mark.slow
 def test_threadsanitizer_catches_a_missing_syncthreads(tmp_path):
     # the barrier between staging a token's vectors in shared memory and reading them, in RWKV-7's forward
     old = "        __syncthreads();\n        ACC sa = 0;"
@@ -273,6 +277,7 @@ def find_nvcc():
     return home if Path(home, 'bin', 'nvcc').is_file() else None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(find_nvcc() is None, reason='nvcc not found (set CUDA_HOME)')
 def test_ptxas_forward_kernels_do_not_spill(tmp_path):
     out = tmp_path / 'ptxas.json'

@@ -1,0 +1,526 @@
+"""
+Every file another program reads or writes, reader beside writer, and the one front door `load_pretrained`:
+- hub names and Hugging Face format directories (config.json + model.safetensors / pytorch_model.bin): RWKV-4 as
+  transformers' RwkvForCausalLM, GPT-2 as its GPT2LMHeadModel, both directions;
+- BlinkDL's RWKV-LM .pth files, versions 4, 5, 5.1, 6 and 7 (what the rwkv pip package runs);
+- the quantized .safetensors of export.py (quantize.py's formats, with the model config in its metadata);
+- rwkv.cpp model files (RWKV/rwkv.cpp docs/FILE_FORMAT.md);
+- the tokenizer sidecar of an exported directory (nanorwkv_tokenizer.json).
+Every writer writes a temporary file and renames it: a failed write leaves the old file as it was.
+train.py's own checkpoints are checkpoint.py's.
+"""
+import json
+import os
+import re
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from checkpoint import build_model
+from configurator import ConfigError
+from model_gpt import GPT, GPTConfig
+from model_rwkv import RWKV, RWKVConfig
+from quantize import FILE_VERSION, ggml_blocks
+
+RWKV_HUB_NAMES = tuple(f'RWKV/rwkv-4-{size}-pile' for size in ('169m', '430m', '1b5', '3b', '7b', '14b'))
+GPT_HUB_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shared: finding a model, reading a directory, writing a file whole or not at all
+
+@contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path`; on success it is renamed to `path` (atomic), on any error removed."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_safetensors(state, path):
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={'format': 'pt'})
+
+
+def hub_or_local(name_or_path, hub_names):
+    """A local directory or file as given, or a hub model (one of hub_names) downloaded to the local cache. Offline,
+    a hub name fails with one line that says a local path works."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    if name_or_path not in hub_names:
+        raise ValueError(f"{name_or_path} is neither a local path nor a known model; expected a Hugging Face format "
+                         f"directory, a file, or one of {', '.join(hub_names)}")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=['config.json', '*.safetensors', '*.bin',
+                                                                    '*.json']))
+    except Exception as e:  # the hub client raises many types (connection, HTTP, missing repo): say which, and why
+        raise ValueError(f"could not download {name_or_path} from the Hugging Face hub ({type(e).__name__}); "
+                         f"a local path works too: a directory with config.json and model weights") from e
+
+
+def load_hf_directory(directory):
+    """(config dict, state dict) of a Hugging Face format directory: config.json and model.safetensors or
+    pytorch_model.bin (sharded ones too). The weights are read without running any pickled code."""
+    directory = Path(directory)
+    if not (directory / 'config.json').is_file():
+        raise ValueError(f"{directory} has no config.json: not a Hugging Face format model directory")
+    config = json.loads((directory / 'config.json').read_text())
+    state = {}
+    files = sorted(directory.glob('*.safetensors'))
+    if files:
+        from safetensors.torch import load_file
+        for f in files:
+            state.update(load_file(f))
+    else:
+        files = sorted(directory.glob('pytorch_model*.bin'))
+        for f in files:
+            state.update(torch.load(f, map_location='cpu', weights_only=True))
+    if not files:
+        raise ValueError(f"{directory} has no model.safetensors or pytorch_model.bin")
+    return config, state
+
+
+def load_state_checked(model, state, source):
+    """Copy `state` into model: the key sets and every shape must match exactly."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if v.shape != own[k].shape:
+                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            own[k].copy_(v)
+
+
+def empty_model(cls, config):
+    """A model whose every tensor the caller loads: built on the meta device (no memory, no slow init), then given
+    uninitialised CPU storage."""
+    with torch.device('meta'):
+        model = cls(config)
+    return model.to_empty(device='cpu')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RWKV in RWKV-LM's own form: the .pth files of BlinkDL's RWKV-LM (any version) and the rwkv pip package
+
+def check_rwkv4_file(model, what):
+    """The RWKV-4 of RWKV-LM and transformers has no MoE nor attention layers: no file of theirs can hold them."""
+    if model.config.moe_experts or model.config.attn_layers:
+        has = 'MoE channel mixes' if model.config.moe_experts else 'attention layers'
+        raise ValueError(f"{what}: this model has {has}, which RWKV-LM's and transformers' RWKV-4 do not; keep "
+                         f"train.py's checkpoint instead")
+
+
+def plain_state_dict(model):
+    """The weights of an RWKV in RWKV-LM's own form (never rescaled), fp32 on the CPU, RWKV-LM's names."""
+    check_rwkv4_file(model, 'export')
+    if getattr(model, 'quantized', None):
+        raise ValueError(f"the model is quantized ({model.quantized[0]}): export the float model it came from")
+    state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+    r = model.config.rescale_every
+    for i in range(model.config.n_layer if r else 0):
+        for name in (f'blocks.{i}.att.output.weight', f'blocks.{i}.ffn.value.weight'):
+            state[name] *= 2 ** (i // r)
+    return state
+
+
+def load_official_pth(path):
+    """The tensors of a BlinkDL RWKV .pth, loaded without running pickled code; anything else is an error."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or corrupt files
+        raise ValueError(f"{path} is not a readable .pth checkpoint ({type(e).__name__})") from e
+    if not isinstance(state, dict) or 'emb.weight' not in state or 'blocks.0.ln1.weight' not in state:
+        raise ValueError(f"{path} is not an RWKV checkpoint (no emb.weight / blocks.0.ln1.weight)")
+    return state
+
+
+def pth_version(state):
+    """The RWKV-LM version of a .pth, told apart by its keys and shapes as the rwkv pip package does."""
+    if 'blocks.0.att.r_k' in state:
+        return 7
+    if 'blocks.0.att.time_maa_x' in state:
+        return 6
+    if 'blocks.0.att.ln_x.weight' in state:
+        if 'blocks.0.att.gate.weight' not in state:
+            raise ValueError("this .pth is RWKV-5.0 (no gate), which nanoRWKV does not run; RWKV-4, 5.1, 5.2, 6 and "
+                             "7 it does")
+        decay = state['blocks.0.att.time_decay']
+        return 5 if decay.dim() > 1 and decay.shape[1] > 1 else 5.1  # a decay per channel (5.2) or per head (5.1)
+    return 4
+
+
+def pth_config(state):
+    """RWKVConfig arguments read off an RWKV-LM state dict (any version): sizes from the tensors' shapes."""
+    version = pth_version(state)
+    V, C = state['emb.weight'].shape
+    args = dict(version=version, vocab_size=V, n_embd=C, dim_ffn=state['blocks.0.ffn.key.weight'].shape[0],
+                n_layer=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')))
+    att = {k[len('blocks.0.att.'):]: v for k, v in state.items() if k.startswith('blocks.0.att.')}
+    if version == 7:
+        v1 = state.get('blocks.1.att.v1', att.get('v1'))
+        args.update(head_size=att['r_k'].shape[-1], lora_dims=(att['w1'].shape[1], att['a1'].shape[1],
+                                                                v1.shape[1], att['g1'].shape[1]))
+    elif version == 6:
+        args.update(head_size=att['time_faaaa'].shape[-1],
+                    lora_dims=(att['time_maa_w1'].shape[1] // 5, att['time_decay_w1'].shape[1]))
+    elif version == 5:
+        args.update(head_size=att['time_decay'].shape[1])
+    elif version == 5.1:
+        args.update(head_size=C // att['time_decay'].shape[0])
+    return args
+
+
+MIX_51 = re.compile(r'\.(att\.time_m(ix|aa)_[kvrg]|ffn\.time_m(ix|aa)_[kr])$')
+
+
+def from_rwkv_lm(state, version):
+    """An RWKV-LM state dict in our names: 5.1's time_mix become x051a's time_maa = 1 - time_mix, a per-head decay
+    and bonus get their (H, 1) shape, RWKV-7's unused layer-0 v0/v1/v2 are dropped, and an old RWKV-5/6 file's
+    time_first (u = exp(time_first), the rwkv pip package reads it so) becomes time_faaaa."""
+    out = {}
+    for k, v in state.items():
+        if version == 7 and re.fullmatch(r'blocks\.0\.att\.v[012]', k):
+            continue
+        if version == 5.1 and MIX_51.search(k) and '.time_mix_' in k:
+            k, v = k.replace('.time_mix_', '.time_maa_'), 1 - v.float()
+        if version > 4 and k.endswith('.time_first'):
+            k, v = k[:-len('time_first')] + 'time_faaaa', torch.exp(v.float())
+        if version == 5.1 and k.endswith(('.time_decay', '.time_faaaa')):
+            v = v.reshape(-1, 1)
+        out[k] = v
+    return out
+
+
+def to_rwkv_lm(state, config):
+    """Our plain state dict as RWKV-LM's .pth: from_rwkv_lm's inverse."""
+    out = {}
+    for k, v in state.items():
+        if config.version == 5.1 and MIX_51.search(k):
+            k, v = k.replace('.time_maa_', '.time_mix_'), 1 - v
+        out[k] = v
+    if config.version == 7:  # RWKV_Tmix_x070 layer 0's v0 / v1 / v2 at their constructor values (v2: zeros)
+        C = config.n_embd
+        linear = torch.arange(C, dtype=torch.float32) / max(C - 1, 1) - 0.5
+        d_v = config.lora_dims[2]
+        out.update({'blocks.0.att.v0': (0.73 - linear * 0.4).view(1, 1, C), 'blocks.0.att.v1': torch.zeros(C, d_v),
+                    'blocks.0.att.v2': torch.zeros(d_v, C)})
+    return out
+
+
+def save_pth(model, path):
+    """Write an official .pth (RWKV-LM's names and key set, fp32) that BlinkDL's code and the rwkv pip package
+    load. Version 5.1 is written in the layout the rwkv pip package reads as v5.1 (time_mix = 1 - time_maa);
+    RWKV-7's layer 0 carries the v0/v1/v2 that RWKV-LM creates there and never uses (at their init values)."""
+    state = to_rwkv_lm(plain_state_dict(model), model.config)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def rwkv_from_pth(path, wkv_backend):
+    """(config, state in our names) of an official .pth."""
+    state = load_official_pth(path)
+    try:
+        config = RWKVConfig(wkv_backend=wkv_backend, **pth_config(state))
+    except KeyError as e:
+        raise ValueError(f"{path} is an incomplete RWKV checkpoint: it has no {e.args[0]}") from e
+    return config, from_rwkv_lm(state, config.version)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RWKV-4 as transformers' RwkvForCausalLM
+
+def hf_name(name):
+    """Our parameter name (= RWKV-LM's) -> transformers' RwkvForCausalLM name; the renames of transformers'
+    models/rwkv/convert_rwkv_checkpoint_to_hf.py."""
+    if name == 'head.weight':
+        return name
+    name = re.sub(r'^emb\.', 'embeddings.', name).replace('blocks.0.ln0.', 'blocks.0.pre_ln.')
+    name = name.replace('.att.', '.attention.').replace('.ffn.', '.feed_forward.')
+    name = re.sub(r'time_mix_([kvr])$', lambda m: {'k': 'time_mix_key', 'v': 'time_mix_value',
+                                                   'r': 'time_mix_receptance'}[m[1]], name)
+    return 'rwkv.' + name
+
+
+def rwkv_from_hf(directory, source, wkv_backend):
+    """(config, state in our names) of a transformers RWKV directory."""
+    hf, hf_state = load_hf_directory(directory)
+    if hf.get('model_type') != 'rwkv':
+        raise ValueError(f"{source} is a '{hf.get('model_type')}' model, not RWKV")
+    C = hf['hidden_size']
+    if hf.get('attention_hidden_size') not in (None, C):
+        raise ValueError(f"{source}: attention_hidden_size != hidden_size is not supported")
+    config = RWKVConfig(block_size=hf.get('context_length', 1024), vocab_size=hf['vocab_size'],
+                        n_layer=hf['num_hidden_layers'], n_embd=C, dim_ffn=hf.get('intermediate_size') or 0,
+                        wkv_backend=wkv_backend)
+    with torch.device('meta'):  # names only: no memory, no init
+        hf_to_ours = {hf_name(n): n for n in RWKV(config).state_dict()}
+    unknown = sorted(set(hf_state) - set(hf_to_ours))
+    if unknown:
+        raise ValueError(f"{source} has tensors an RWKV-4 does not: {unknown[:4]}")
+    return config, {hf_to_ours[k]: v for k, v in hf_state.items()}
+
+
+def save_rwkv_hf(model, directory):
+    """Write a Hugging Face format directory (config.json + model.safetensors) that transformers loads as
+    RwkvForCausalLM."""
+    cfg = model.config
+    if cfg.version > 4:
+        raise ValueError(f"transformers has no class for RWKV-{cfg.version} (its RwkvForCausalLM is RWKV-4): export "
+                         f"the official .pth instead (save_pth, export.py --format=pth)")
+    state = {hf_name(k): v for k, v in plain_state_dict(model).items()}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors(state, directory / 'model.safetensors')
+    # rescale_every 6 is transformers' default: it rescales at inference time itself, in its own copy
+    hf = {'architectures': ['RwkvForCausalLM'], 'model_type': 'rwkv', 'vocab_size': cfg.vocab_size,
+          'context_length': cfg.block_size, 'hidden_size': cfg.n_embd, 'num_hidden_layers': cfg.n_layer,
+          'attention_hidden_size': cfg.n_embd, 'intermediate_size': cfg.dim_ffn, 'layer_norm_epsilon': 1e-5,
+          'rescale_every': 6, 'tie_word_embeddings': False, 'bos_token_id': 0, 'eos_token_id': 0}
+    write_text(directory / 'config.json', json.dumps(hf, indent=2))
+
+
+def load_rwkv(name_or_path, wkv_backend='auto'):
+    """RWKV from an official BlinkDL .pth file of any version (RWKV-4-Pile-*.pth, RWKV-x070-*.pth; shapes inferred
+    from the tensors), a local Hugging Face format directory, a hub name RWKV/rwkv-4-{169m,...,14b}-pile (downloaded
+    once), or a quantized .safetensors of export.py (it comes back quantized)."""
+    path = hub_or_local(name_or_path, RWKV_HUB_NAMES)
+    if is_quantized_file(path):
+        return load_quantized(path, expect='rwkv')[0]
+    config, state = (rwkv_from_hf(path, name_or_path, wkv_backend) if path.is_dir() else
+                     rwkv_from_pth(path, wkv_backend))
+    model = empty_model(RWKV, config)
+    own = model.state_dict()
+    # the rwkv pip package squeezes size-1 dimensions: take (C,) for a (1, 1, C) parameter, nothing else
+    state = {k: v.reshape(own[k].shape) if k in own and v.shape != own[k].shape and
+             v.squeeze().shape == own[k].squeeze().shape else v for k, v in state.items()}
+    load_state_checked(model, {k: v.float() for k, v in state.items()}, name_or_path)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPT-2 as transformers' GPT2LMHeadModel
+
+# GPT2LMHeadModel stores these four as Conv1D, (in, out): the transpose of nn.Linear's weight
+HF_TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+def load_gpt(name_or_path, dropout=0.0):
+    """GPT-2 from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded once), a local Hugging Face format
+    directory, or a quantized .safetensors of export.py (it comes back quantized)."""
+    path = hub_or_local(name_or_path, GPT_HUB_NAMES)
+    if is_quantized_file(path):
+        return load_quantized(path, expect='gpt')[0]
+    hf, state = load_hf_directory(path)
+    if hf.get('model_type') != 'gpt2':
+        raise ValueError(f"{name_or_path} is a '{hf.get('model_type')}' model, not GPT-2")
+    config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                       n_head=hf['n_head'], n_embd=hf['n_embd'], dropout=dropout, bias=True)
+    model = empty_model(GPT, config)
+    model.transformer.wte.weight = model.lm_head.weight  # to_empty unties them
+    state = {(k if k.startswith('lm_head') else k if k.startswith('transformer.') else 'transformer.' + k): v
+             for k, v in state.items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+    state['lm_head.weight'] = state.get('lm_head.weight', state['transformer.wte.weight'])  # tied
+    state = {k: v.t() if k.endswith(HF_TRANSPOSED) else v for k, v in state.items()}
+    load_state_checked(model, {k: v.float() for k, v in state.items()}, name_or_path)
+    return model
+
+
+def save_gpt_hf(model, directory):
+    """Write a Hugging Face format directory that transformers loads as GPT2LMHeadModel."""
+    import torch.nn as nn
+    cfg = model.config
+    if getattr(model, 'quantized', None):
+        raise ValueError(f"the model is quantized ({model.quantized[0]}): export the float model it came from")
+    if cfg.attn_window or cfg.attn_kv_heads not in (0, cfg.n_head) or cfg.moe_experts:
+        raise ValueError("GPT2LMHeadModel has no sliding window, grouped-query attention or mixture of experts: "
+                         "save this model with train.py's checkpoints instead")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k != 'lm_head.weight'}
+    if not cfg.bias:  # GPT2LMHeadModel always has biases: zeros are the same function
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name != 'lm_head':
+                state[f'{name}.bias'] = torch.zeros(module.out_features)
+            elif isinstance(module, nn.LayerNorm):
+                state[f'{name}.bias'] = torch.zeros(module.weight.shape)
+    state = {k: (v.t() if k.endswith(HF_TRANSPOSED) else v).contiguous() for k, v in state.items()}
+    save_safetensors(state, directory / 'model.safetensors')
+    hf = {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': cfg.vocab_size,
+          'n_positions': cfg.block_size, 'n_embd': cfg.n_embd, 'n_layer': cfg.n_layer, 'n_head': cfg.n_head,
+          'activation_function': 'gelu_new', 'layer_norm_epsilon': 1e-5, 'resid_pdrop': cfg.dropout,
+          'embd_pdrop': cfg.dropout, 'attn_pdrop': cfg.dropout, 'tie_word_embeddings': True,
+          'bos_token_id': 50256, 'eos_token_id': 50256}
+    write_text(directory / 'config.json', json.dumps(hf, indent=2))
+
+
+def save_pretrained(model, directory, tokenizer=None):
+    """A Hugging Face format directory of either model (RWKV-4 or GPT-2), with the tokenizer it was trained with in
+    nanorwkv_tokenizer.json when given (sample.py --init_from=<directory> reads it back)."""
+    (save_gpt_hf if isinstance(model, GPT) else save_rwkv_hf)(model, directory)
+    if tokenizer is not None:
+        write_text(Path(directory) / 'nanorwkv_tokenizer.json', json.dumps(tokenizer))
+
+
+def directory_tokenizer(path, model_type):
+    """The tokenizer of a Hugging Face directory: what export.py recorded, else its tokenizer.json, else the
+    family's usual one."""
+    if (path / 'nanorwkv_tokenizer.json').is_file():
+        return json.loads((path / 'nanorwkv_tokenizer.json').read_text())
+    if (path / 'tokenizer.json').is_file():
+        return {'tokenizer': 'file', 'path': str(path / 'tokenizer.json')}
+    return {'tokenizer': 'neox' if model_type == 'rwkv' else 'gpt2'}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# quantized models: one .safetensors with the packed tensors (quantize.py) and what is needed to rebuild the model
+
+def save_quantized(model, path, model_type, tokenizer=None):
+    """One .safetensors file: the quantized model's state dict (packed tensors, scales, the fp32 rest) and, in its
+    metadata, the format, the model type and config, and the tokenizer; load_quantized needs nothing else."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+    fmt, head = model.quantized
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model_type == 'gpt' and 'lm_head.weight' in state:
+        state.pop('transformer.wte.weight')  # tied to the float head
+    meta = {'format': 'pt', 'nanorwkv': 'quantized', 'version': str(FILE_VERSION), 'quantization': fmt,
+            'head': 'quantized' if head else 'fp32', 'model_type': model_type,
+            'model_args': json.dumps(asdict(model.config)), 'tokenizer': json.dumps(tokenizer or {'tokenizer': 'gpt2'})}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+
+
+def is_quantized_file(path):
+    path = Path(path)
+    if not path.is_file() or path.suffix != '.safetensors':
+        return False
+    from safetensors import safe_open
+    with safe_open(str(path), 'pt') as f:
+        return (f.metadata() or {}).get('nanorwkv') == 'quantized'
+
+
+def load_quantized(path, expect=None):
+    """(model, model_type, tokenizer spec) from a file save_quantized wrote; expect: the model type it must hold."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), 'pt') as f:
+        meta = f.metadata() or {}
+    if meta.get('nanorwkv') != 'quantized':
+        raise ValueError(f"{path} is not a quantized nanoRWKV file (no 'nanorwkv: quantized' in its metadata)")
+    if int(meta.get('version', 0)) > FILE_VERSION:
+        raise ValueError(f"{path} is version {meta['version']} of the quantized layout; this code reads up to "
+                         f"{FILE_VERSION}: update nanoRWKV")
+    model_type, fmt, head = meta['model_type'], meta['quantization'], meta['head'] == 'quantized'
+    if expect and model_type != expect:
+        raise ValueError(f"{path} holds a quantized {model_type}, not {'an RWKV' if expect == 'rwkv' else 'a GPT'}")
+    with torch.device('meta'):
+        model = build_model(model_type, json.loads(meta['model_args']))
+    model.to_empty(device='cpu')
+    model.quantize_(fmt, head=head)  # the structure; the values come from the file
+    state = load_file(str(path))
+    if model_type == 'gpt' and 'transformer.wte.weight' not in state:
+        state['transformer.wte.weight'] = state['lm_head.weight']
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its own model config: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}")
+    return model.eval(), model_type, json.loads(meta['tokenizer'])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rwkv.cpp model files (RWKV/rwkv.cpp docs/FILE_FORMAT.md): a header of six int32 (magic 'ggmf', version, n_vocab,
+# n_embed, n_layer, data type), then per tensor (dim count, key length, data type, the shape reversed, the key, the
+# data). FP32 and FP16 files are version 100 (the same in 101, and what the April-2023 library reads); quantized ones
+# version 101, whose blocks are ggml's current ones (quantize.ggml_blocks). As rwkv.cpp does, the embedding and the
+# head stay unquantized, the time_* vectors are squeezed to (n_embed,), time_decay is stored as -exp(time_decay), and
+# 1-D tensors are FP32.
+
+RWKVCPP_TYPES = {'FP32': 0, 'FP16': 1, 'Q4_0': 2, 'Q5_1': 8, 'Q8_0': 9}
+RWKVCPP_MAGIC = 0x67676d66
+
+
+def save_rwkvcpp(model, path, data_type='FP32'):
+    """Write an RWKV-4 model as an rwkv.cpp file of data_type FP32, FP16, Q8_0, Q5_1 or Q4_0."""
+    if data_type not in RWKVCPP_TYPES:
+        raise ValueError(f"rwkv.cpp data type must be one of {', '.join(RWKVCPP_TYPES)}, got {data_type!r}")
+    if model.config.version != 4:
+        raise ValueError(f"the rwkv.cpp format written here is RWKV-4's; this model is RWKV-{model.config.version}: "
+                         f"export it as an official .pth (--format=pth) or quantize it (--format=int8, ...)")
+    state = plain_state_dict(model)  # RWKV-LM's names and values, fp32; refuses MoE / hybrids
+    V, C = state['emb.weight'].shape
+    version = 100 if data_type in ('FP32', 'FP16') else 101
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        f.write(struct.pack('<6i', RWKVCPP_MAGIC, version, V, C, model.config.n_layer, RWKVCPP_TYPES[data_type]))
+        for k, t in state.items():
+            if '.time_' in k:
+                t = t.reshape(-1)  # (1, 1, C) -> (C,)
+            if k.endswith('.time_decay'):
+                t = -torch.exp(t)
+            kind = 'FP32'
+            if t.dim() == 2 and data_type == 'FP16':
+                kind = 'FP16'
+            elif t.dim() == 2 and data_type != 'FP32' and k not in ('emb.weight', 'head.weight'):
+                kind = data_type
+            key = k.encode('utf-8')
+            f.write(struct.pack(f'<3i{t.dim()}i', t.dim(), len(key), RWKVCPP_TYPES[kind], *reversed(t.shape)))
+            f.write(key)
+            if kind == 'FP32':
+                f.write(t.numpy().astype('<f4').tobytes())
+            elif kind == 'FP16':
+                f.write(t.half().numpy().astype('<f2').tobytes())
+            else:
+                f.write(ggml_blocks(t, kind.lower()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the front door
+
+def load_pretrained(init_from, wkv_backend='auto', for_training=False):
+    """(model, model type, tokenizer spec) for a pretrained model: gpt2*, RWKV/rwkv-4-*-pile, a Hugging Face format
+    directory (RWKV or GPT-2), an official RWKV .pth (version 4, 5, 5.1, 6 or 7), or a quantized .safetensors of
+    export.py (inference only). Errors are ConfigErrors of one line."""
+    path = Path(init_from)
+    try:
+        if is_quantized_file(path):
+            if for_training:
+                raise ConfigError(f"{path} is a quantized model, for inference only: train from the float checkpoint "
+                                  f"it was exported from (--init_from=resume in its out_dir)")
+            return load_quantized(path)
+        if init_from in GPT_HUB_NAMES:
+            return load_gpt(init_from), 'gpt', {'tokenizer': 'gpt2'}
+        if init_from in RWKV_HUB_NAMES:
+            return load_rwkv(init_from, wkv_backend), 'rwkv', {'tokenizer': 'neox'}
+        if path.is_file():  # an official .pth: a Pile model (GPT-NeoX tokenizer) or a World model (vocab 65536)
+            model = load_rwkv(path, wkv_backend)
+            return model, 'rwkv', {'tokenizer': 'world' if model.config.vocab_size == 65536 else 'neox'}
+        if path.is_dir():
+            config = path / 'config.json'
+            model_type = json.loads(config.read_text()).get('model_type') if config.is_file() else None
+            if model_type not in ('rwkv', 'gpt2'):
+                raise ConfigError(f"{path} is not a Hugging Face RWKV or GPT-2 directory (config.json model_type: "
+                                  f"{model_type})")
+            spec = directory_tokenizer(path, model_type)
+            if model_type == 'rwkv':
+                return load_rwkv(path, wkv_backend), 'rwkv', spec
+            return load_gpt(path), 'gpt', spec
+    except ValueError as e:  # the readers' errors are one line already
+        raise ConfigError(str(e)) from e
+    raise ConfigError(f"init_from={init_from!r}: expected {', '.join(GPT_HUB_NAMES)}, RWKV/rwkv-4-{{169m,430m,1b5,"
+                      f"3b,7b,14b}}-pile, a Hugging Face directory, an RWKV .pth or a quantized .safetensors")
