@@ -108,6 +108,10 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def fsdp_units(self):
+        """The modules FSDP shards one by one (train.py): each block, its parameters gathered only while it runs."""
+        return list(self.transformer.h)
+
     def get_num_params(self, non_embedding=True):
         """Parameter count; the position embedding is left out by default (the token embedding is shared with
         lm_head, so it does real work and stays in)."""

@@ -11,11 +11,14 @@ RWKV language models in one file, versions 4, 5, 6 and 7 of BlinkDL's RWKV-LM wi
 Every version's WKV op has a compiled CPU and CUDA kernel (wkv_cuda/) and a pure-PyTorch reference; the config's
 wkv_backend picks ('auto': the kernel of the tensors' device).
 
-Two ways to run the same weights:
+Two ways to run the same weights, through the same blocks:
 - parallel mode, `forward(idx, targets)` / `prefill(idx, state)`: a whole chunk at once, the WKV op over time;
-- RNN mode, `step(token, state)`: one token, constant memory, the recurrence of RWKV-v4neo/src/model_run.py.
+- RNN mode, `step(token, state)`: one token (T = 1), constant memory, the recurrence of RWKV-v4neo/src/model_run.py.
 Both carry the RNN state: per layer the last input of time mix and of channel mix (token shift) and the WKV sums
 (`State`, RWKV-4) or the per-head matrix (`MatrixState`, RWKV-5/6/7).
+
+The file in sections: shared pieces · the config · RWKV-4 · RWKV-5, 5.1 and 6 · RWKV-7 · the model (states, Block,
+RWKV). Every time mix is called the same way, (x, x_prev, state, v_first) -> (y, state, v_first).
 
 Options of MicroRWKV, done so that every mode stays exact and causal (defaults off: the model is RWKV-4 exactly):
 - dropout, where RWKV-LM puts it (on the residual stream after each time mix and channel mix);
@@ -41,10 +44,13 @@ from torch.nn import functional as F
 from attention import CausalSelfAttention, check_attention
 from moe import MoE, check_moe
 from sampling import generate_tokens
-from wkv_cuda import BACKENDS, initial_state, wkv, wkv_step
+from wkv_cuda import BACKENDS, initial_state, wkv
 from wkv_cuda.wkv5 import wkv5
 from wkv_cuda.wkv7 import wkv7
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shared pieces: the loss trick, the init curves, token shift
 
 class L2Wrap(torch.autograd.Function):
     """Identity on the loss; in backward adds a small gradient pushing each position's largest logit towards 0
@@ -84,6 +90,101 @@ def token_shift(x, x_prev):
     return torch.cat([x_prev.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # (B, T, C)
 
 
+def at_least_fp32(x):
+    """x in fp32, or fp64 for a fp64 model: the decays and the state never run in bf16/fp16 (RWKV-LM keeps w fp32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def ortho(rows, cols, scale):
+    """An orthogonal (rows, cols) matrix of gain scale * sqrt(rows / cols) when tall: RWKV-v7/train_temp/src/model.py
+    ortho_init."""
+    w = torch.empty(rows, cols)
+    nn.init.orthogonal_(w, gain=scale * (math.sqrt(rows / cols) if rows > cols else 1.0))
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the config
+
+VERSIONS = (4, 5, 5.1, 6, 7)
+
+
+@dataclass
+class RWKVConfig:
+    block_size: int = 1024  # training context length; the model itself has no context limit
+    vocab_size: int = 50277  # GPT-NeoX tokenizer, as the RWKV-4 Pile models
+    n_layer: int = 12
+    n_embd: int = 768
+    dim_ffn: int = 0  # 0 means RWKV-LM's: 4 * n_embd (versions 4 and 7), 3.5 * n_embd rounded down to 32 (5, 6)
+    emb_init: float = 1e-4  # emb.weight ~ U(-emb_init, emb_init); RWKV-v4neo: lr_init (train.py too), v5-v7: 1e-4
+    version: float = 4  # 4 | 5 (5.2, x052) | 5.1 (x051a, MicroRWKV's) | 6 (x060) | 7 (x070)
+    head_size: int = 64  # versions 5-7: channels per head of the matrix-valued state (n_head = n_embd / head_size)
+    lora_dims: tuple = ()  # versions 6 (mix, decay) and 7 (decay, a, v, gate): LoRA widths; () = RWKV-LM's defaults
+    wkv_backend: str = 'auto'  # 'auto' | 'cuda' | 'cpu' | 'torch': the WKV op's implementation (wkv_cuda/)
+    rescale_every: int = 0  # > 0: weights rescaled for fp16 (RWKV.rescale_for_fp16), x halves every N layers
+    dropout: float = 0.0  # RWKV-LM's: on the residual stream after each time mix and channel mix, in training
+    moe_experts: int = 0  # > 0: each channel mix is a top-k mixture of this many experts (moe.py)
+    moe_top_k: int = 1  # experts per token
+    moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the training loss (Switch Transformer's alpha)
+    attn_layers: tuple = ()  # blocks whose time mix is causal softmax attention (a hybrid)
+    n_head: int = 4  # the attention layers' query heads
+    attn_window: int = 0  # > 0: an attention layer sees the last attn_window tokens (Mistral); 0 = all before
+    attn_kv_heads: int = 0  # grouped-query attention: K/V heads shared by the n_head query heads; 0 = n_head
+
+    @staticmethod
+    def rwkv_lm_emb_init(version, learning_rate):
+        """RWKV-LM's range of the uniform embedding init: the learning rate (lr_init) in RWKV-v4neo, 1e-4 in RWKV-v5
+        and v7 (train.py's choice for a new model)."""
+        return learning_rate if version == 4 else 1e-4
+
+    @property
+    def wkv_op(self):
+        """The wkv_cuda kernel this version's time mix runs: 'wkv4', 'wkv5' (RWKV-5, 5.1 and 6) or 'wkv7'."""
+        return {4: 'wkv4', 7: 'wkv7'}.get(self.version, 'wkv5')
+
+    def __post_init__(self):
+        for key in ('block_size', 'vocab_size', 'n_layer', 'n_embd'):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be at least 1")
+        if self.wkv_backend not in BACKENDS:
+            raise ValueError(f"wkv_backend must be one of {', '.join(BACKENDS)}, got {self.wkv_backend!r}")
+        if self.version not in VERSIONS:
+            raise ValueError(f"version={self.version} must be one of {', '.join(map(str, VERSIONS))}")
+        self.version = int(self.version) if self.version == int(self.version) else self.version  # 7.0 -> 7
+        if self.version > 4:
+            if self.head_size < 1 or self.n_embd % self.head_size:
+                raise ValueError(f"n_embd={self.n_embd} must be a multiple of head_size={self.head_size} (RWKV-"
+                                 f"{self.version}'s heads); set head_size to a divisor of n_embd")
+            if self.moe_experts or self.attn_layers:
+                raise ValueError("moe_experts and attn_layers are options of RWKV-4 (version=4) only")
+        if self.version == 6 and not self.lora_dims:
+            self.lora_dims = (32, 64)  # RWKV-v5/src/model.py RWKV_Tmix_x060: D_MIX_LORA, D_DECAY_LORA
+        if self.version == 7 and not self.lora_dims:  # RWKV-v7/train_temp/src/model.py: D_DECAY/AAA/MV/GATE_LORA
+            self.lora_dims = tuple(max(32, int(round(f * self.n_embd ** 0.5 / 32) * 32)) for f in (2.5, 2.5, 1.7, 5))
+        self.lora_dims = tuple(self.lora_dims)  # a checkpoint stores a list
+        want = {6: 2, 7: 4}.get(self.version, 0)
+        if len(self.lora_dims) != want or any(d < 1 for d in self.lora_dims):
+            raise ValueError(f"lora_dims={list(self.lora_dims)}: version {self.version} takes {want} positive widths")
+        if self.dim_ffn == 0:
+            if self.version in (4, 7):
+                self.dim_ffn = 4 * self.n_embd
+            else:  # RWKV-v5/src/model.py: int((n_embd * 3.5) // 32 * 32), never 0 for a tiny model
+                self.dim_ffn = int(self.n_embd * 3.5) // 32 * 32 or int(self.n_embd * 3.5)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        check_moe(self.moe_experts, self.moe_top_k, self.moe_aux_coef)
+        self.attn_layers = tuple(self.attn_layers)  # a checkpoint stores a list
+        bad = [i for i in self.attn_layers if not 0 <= i < self.n_layer]
+        if bad or len(set(self.attn_layers)) != len(self.attn_layers):
+            raise ValueError(f"attn_layers={list(self.attn_layers)} must be distinct block indices in "
+                             f"0..{self.n_layer - 1}")
+        if self.attn_layers:
+            check_attention(self.n_embd, self.n_head, self.attn_kv_heads, self.attn_window)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RWKV-4 (its channel mix is RWKV-5/5.1/6's too)
+
 class TimeMix(nn.Module):
 
     def __init__(self, config, layer_id):
@@ -105,40 +206,70 @@ class TimeMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
 
-    def forward(self, x, x_prev, sums):
-        # parallel mode: x (B, T, C); x_prev (B, C) the input before x[:, 0]; sums (aa, bb, pp) each (B, C)
+    def forward(self, x, x_prev, sums, v_first=None):
+        # x (B, T, C), any T (RNN mode: 1); x_prev (B, C) the input before x[:, 0]; sums (aa, bb, pp) each (B, C)
         xx = token_shift(x, x_prev)  # (B, T, C)
         # lerp(xx, x, m) = x * m + xx * (1 - m), RWKV-LM's mixing in one op
         k = self.key(torch.lerp(xx, x, self.time_mix_k))
         v = self.value(torch.lerp(xx, x, self.time_mix_v))
         r = self.receptance(torch.lerp(xx, x, self.time_mix_r))
         y, sums = wkv(self.time_decay, self.time_first, k, v, sums, self.backend)
-        return self.output(torch.sigmoid(r) * y), sums
-
-    def step(self, x, x_prev, sums):
-        # RNN mode: x (B, C), one token; the recurrence as in RWKV-v4neo/src/model_run.py
-        aa, bb, pp = sums
-        xx = x_prev.to(x.dtype)
-        k = self.key(torch.lerp(xx, x, self.time_mix_k[0]))  # (B, C)
-        v = self.value(torch.lerp(xx, x, self.time_mix_v[0]))
-        r = self.receptance(torch.lerp(xx, x, self.time_mix_r[0]))
-        w = -torch.exp(self.time_decay.to(aa.dtype))
-        y, aa, bb, pp = wkv_step(w, self.time_first.to(aa.dtype), k.to(aa.dtype), v.to(aa.dtype), aa, bb, pp)
-        return self.output(torch.sigmoid(r) * y.to(x.dtype)), (aa, bb, pp)
+        return self.output(torch.sigmoid(r) * y), sums, v_first
 
 
-def at_least_fp32(x):
-    """x in fp32, or fp64 for a fp64 model: the decays and the state never run in bf16/fp16 (RWKV-LM keeps w fp32)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def squared_relu_mix(m, xk, xr):
+    """RWKV-4's feed-forward on the token-mixed inputs, for a module m with key, receptance and value."""
+    k = torch.square(torch.relu(m.key(xk)))  # squared ReLU
+    return torch.sigmoid(m.receptance(xr)) * m.value(k)
 
 
-def ortho(rows, cols, scale):
-    """An orthogonal (rows, cols) matrix of gain scale * sqrt(rows / cols) when tall: RWKV-v7/train_temp/src/model.py
-    ortho_init."""
-    w = torch.empty(rows, cols)
-    nn.init.orthogonal_(w, gain=scale * (math.sqrt(rows / cols) if rows > cols else 1.0))
-    return w
+class Expert(nn.Module):
+    """One expert of a mixture-of-experts channel mix: a channel mix's three matrices, without the token shift."""
 
+    def __init__(self, C, dim_ffn):
+        super().__init__()
+        self.key = nn.Linear(C, dim_ffn, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(dim_ffn, C, bias=False)
+
+    def forward(self, xk, xr):
+        return squared_relu_mix(self, xk, xr)
+
+
+class ChannelMix(nn.Module):
+    """RWKV-4/5/6 channel mix: squared-ReLU feed-forward gated by a receptance, on token-shifted inputs. Versions 4
+    and 5 mix as time_mix (RWKV-v4neo, RWKV_CMix_x052), 5.1 and 6 as time_maa = 1 - time_mix (x051a, RWKV_CMix_x060)."""
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        C = config.n_embd
+        ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer  # RWKV-v4neo RWKV_ChannelMix.__init__
+        ramp = channel_ramp(C)
+        if config.version in (5.1, 6):
+            self.time_maa_k = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)  # (1, 1, C)
+            self.time_maa_r = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)
+        else:
+            self.time_mix_k = nn.Parameter(ramp ** ratio_1_to_almost0)  # (1, 1, C)
+            self.time_mix_r = nn.Parameter(ramp ** ratio_1_to_almost0)
+        if config.moe_experts:  # experts in place of the three matrices, all reading this token shift
+            self.moe = MoE(C, [Expert(C, config.dim_ffn) for _ in range(config.moe_experts)], config.moe_top_k)
+        else:
+            self.key = nn.Linear(C, config.dim_ffn, bias=False)
+            self.receptance = nn.Linear(C, C, bias=False)
+            self.value = nn.Linear(config.dim_ffn, C, bias=False)
+
+    def forward(self, x, x_prev):
+        # x (B, T, C); x_prev (B, C) the input before x[:, 0]
+        xx = token_shift(x, x_prev)
+        if hasattr(self, 'time_maa_k'):
+            xk, xr = torch.lerp(x, xx, self.time_maa_k), torch.lerp(x, xx, self.time_maa_r)
+        else:
+            xk, xr = torch.lerp(xx, x, self.time_mix_k), torch.lerp(xx, x, self.time_mix_r)
+        return self.moe(x, xk, xr) if hasattr(self, 'moe') else squared_relu_mix(self, xk, xr)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RWKV-5, 5.1 and 6
 
 def decay_and_bonus(C, ratio_0_to_1):
     """RWKV-v5/src/model.py RWKV_Tmix_x052 / x060 init of time_decay and time_faaaa, (C,) each."""
@@ -184,8 +315,8 @@ class TimeMix5(nn.Module):
             self.time_decay, self.time_faaaa = nn.Parameter(decay.view(H, N)), nn.Parameter(bonus.view(H, N))
         add_projections(self, C, H)
 
-    def forward(self, x, x_prev, S):
-        # x (B, T, C); x_prev (B, C) the input before x[:, 0]; S (B, H, K, V) the state before x
+    def forward(self, x, x_prev, S, v_first=None):
+        # x (B, T, C), any T (RNN mode: 1); x_prev (B, C) the input before x[:, 0]; S (B, H, K, V) the state before x
         B, T, C = x.shape
         H, N = self.n_head, C // self.n_head
         xx = token_shift(x, x_prev)
@@ -200,11 +331,7 @@ class TimeMix5(nn.Module):
         logw = -torch.exp(at_least_fp32(self.time_decay)).expand(H, N).expand(B, T, H, N)  # w = exp(-exp(decay))
         y, S = wkv5(r, k, v, logw, self.time_faaaa.expand(H, N), S, self.backend)  # y (B, T, H, N)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        return self.output(y * g), S
-
-    def step(self, x, x_prev, S):
-        y, S = self(x[:, None], x_prev, S)  # the recurrence, one token
-        return y[:, 0], S
+        return self.output(y * g), S, v_first
 
 
 class TimeMix6(nn.Module):
@@ -234,7 +361,7 @@ class TimeMix6(nn.Module):
         self.time_faaaa = nn.Parameter(bonus.view(H, N))
         add_projections(self, C, H)
 
-    def forward(self, x, x_prev, S):
+    def forward(self, x, x_prev, S, v_first=None):
         # x (B, T, C); x_prev (B, C); S (B, H, K, V)
         B, T, C = x.shape
         H, N = self.n_head, C // self.n_head
@@ -251,12 +378,11 @@ class TimeMix6(nn.Module):
         logw = -torch.exp(at_least_fp32(w)).view(B, T, H, N)  # w_t = exp(-exp(w)), per token
         y, S = wkv5(r, k, v, logw, self.time_faaaa, S, self.backend)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        return self.output(y * g), S
+        return self.output(y * g), S, v_first
 
-    def step(self, x, x_prev, S):
-        y, S = self(x[:, None], x_prev, S)
-        return y[:, 0], S
 
+# ---------------------------------------------------------------------------------------------------------------------
+# RWKV-7
 
 class TimeMix7(nn.Module):
     """RWKV-7 time mix, RWKV-v7/train_temp/src/model.py RWKV_Tmix_x070 (its "slow pytorch version" lines): the
@@ -305,7 +431,7 @@ class TimeMix7(nn.Module):
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
     def forward(self, x, x_prev, S, v_first):
-        # x (B, T, C); x_prev (B, C); S (B, H, V, K); v_first (B, T, C) layer 0's value (None in layer 0)
+        # x (B, T, C); x_prev (B, C); S (B, H, V, K); v_first (B, T, C) layer 0's value (None into layer 0)
         B, T, C = x.shape
         H, N = self.n_head, C // self.n_head
         xx = token_shift(x, x_prev) - x
@@ -330,65 +456,6 @@ class TimeMix7(nn.Module):
         y = y + ((r4 * k4 * self.r_k).sum(-1, keepdim=True) * v4).view(B, T, C)  # the current token's bonus
         return self.output(y * g), S, v_first
 
-    def step(self, x, x_prev, S, v_first):
-        y, S, v_first = self(x[:, None], x_prev, S, None if v_first is None else v_first[:, None])
-        return y[:, 0], S, v_first[:, 0]
-
-
-def squared_relu_mix(m, xk, xr):
-    """RWKV-4's feed-forward on the token-mixed inputs, for a module m with key, receptance and value."""
-    k = torch.square(torch.relu(m.key(xk)))  # squared ReLU
-    return torch.sigmoid(m.receptance(xr)) * m.value(k)
-
-
-class Expert(nn.Module):
-    """One expert of a mixture-of-experts channel mix: a channel mix's three matrices, without the token shift."""
-
-    def __init__(self, C, dim_ffn):
-        super().__init__()
-        self.key = nn.Linear(C, dim_ffn, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(dim_ffn, C, bias=False)
-
-    def forward(self, xk, xr):
-        return squared_relu_mix(self, xk, xr)
-
-
-class ChannelMix(nn.Module):
-    """RWKV-4/5/6 channel mix: squared-ReLU feed-forward gated by a receptance, on token-shifted inputs. Versions 4
-    and 5 mix as time_mix (RWKV-v4neo, RWKV_CMix_x052), 5.1 and 6 as time_maa = 1 - time_mix (x051a, RWKV_CMix_x060)."""
-
-    def __init__(self, config, layer_id):
-        super().__init__()
-        C = config.n_embd
-        ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer  # RWKV-v4neo RWKV_ChannelMix.__init__
-        ramp = channel_ramp(C)
-        if config.version in (5.1, 6):
-            self.time_maa_k = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)  # (1, 1, C)
-            self.time_maa_r = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)
-        else:
-            self.time_mix_k = nn.Parameter(ramp ** ratio_1_to_almost0)  # (1, 1, C)
-            self.time_mix_r = nn.Parameter(ramp ** ratio_1_to_almost0)
-        if config.moe_experts:  # experts in place of the three matrices, all reading this token shift
-            self.moe = MoE(C, [Expert(C, config.dim_ffn) for _ in range(config.moe_experts)], config.moe_top_k)
-        else:
-            self.key = nn.Linear(C, config.dim_ffn, bias=False)
-            self.receptance = nn.Linear(C, C, bias=False)
-            self.value = nn.Linear(config.dim_ffn, C, bias=False)
-
-    def forward(self, x, x_prev):
-        # parallel mode: x (B, T, C); x_prev (B, C) the input before x[:, 0]
-        xx = token_shift(x, x_prev)
-        if hasattr(self, 'time_maa_k'):
-            xk, xr = torch.lerp(x, xx, self.time_maa_k), torch.lerp(x, xx, self.time_maa_r)
-        else:
-            xk, xr = torch.lerp(xx, x, self.time_mix_k), torch.lerp(xx, x, self.time_mix_r)
-        return self.moe(x, xk, xr) if hasattr(self, 'moe') else squared_relu_mix(self, xk, xr)
-
-    def step(self, x, x_prev):
-        # RNN mode: x (B, C)
-        return self(x[:, None], x_prev)[:, 0]
-
 
 class ChannelMix7(nn.Module):
     """RWKV-7 channel mix, RWKV-v7/train_temp/src/model.py RWKV_CMix_x070: squared ReLU, no receptance."""
@@ -405,9 +472,9 @@ class ChannelMix7(nn.Module):
         k = x + (token_shift(x, x_prev) - x) * self.x_k
         return self.value(torch.relu(self.key(k)) ** 2)
 
-    def step(self, x, x_prev):
-        return self(x[:, None], x_prev)[:, 0]
 
+# ---------------------------------------------------------------------------------------------------------------------
+# the model: its state, its blocks, the network
 
 class State(NamedTuple):
     """The RWKV-4 RNN state: what the model needs of the past, in fp32 (fp64 for a fp64 model) whatever the weights'
@@ -417,6 +484,13 @@ class State(NamedTuple):
     bb: torch.Tensor  # WKV denominator sum, scaled by e^-pp
     pp: torch.Tensor  # the largest exponent seen so far
     x_ffn: torch.Tensor  # channel mix's last input
+
+    def time_state(self):
+        return self.aa, self.bb, self.pp
+
+    def moved(self, x_att, time_state, x_ffn):
+        """The state after a block: its new last inputs and the time mix's new slots."""
+        return State(x_att.to(self.x_att.dtype), *time_state, x_ffn.to(self.x_ffn.dtype))
 
     def layer(self, i):
         return State(*(s[i] for s in self))
@@ -433,6 +507,12 @@ class MatrixState(NamedTuple):
     x_att: torch.Tensor
     wkv: torch.Tensor
     x_ffn: torch.Tensor
+
+    def time_state(self):
+        return self.wkv
+
+    def moved(self, x_att, time_state, x_ffn):
+        return MatrixState(x_att.to(self.x_att.dtype), time_state, x_ffn.to(self.x_ffn.dtype))
 
     def layer(self, i):
         return MatrixState(*(s[i] for s in self))
@@ -472,117 +552,25 @@ class Block(nn.Module):
         self.drop0 = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.drop1 = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
 
-    def time_mix(self, xa, state, cache, v_first, step):
-        """The time mix of xa (B, T, C), or (B, C) with step: its output and this layer's state with the time-mix
-        slots moved on (the last input of xa included), the KV cache of an attention layer and RWKV-7's v_first."""
-        if self.attention:
-            dx, cache = self.att(xa[:, None] if step else xa, cache)
-            return (dx[:, 0] if step else dx), state, cache, v_first
-        run = self.att.step if step else self.att
-        if self.version == 4:
-            dx, slots = run(xa, state.x_att, (state.aa, state.bb, state.pp))  # slots: aa, bb, pp
-        elif self.version == 7:
-            dx, wkv_state, v_first = run(xa, state.x_att, state.wkv, v_first)
-            slots = (wkv_state,)
-        else:
-            dx, wkv_state = run(xa, state.x_att, state.wkv)
-            slots = (wkv_state,)
-        # x_att is taken after the time mix ran, so that autograd sums xa's gradients in the order it always did
-        last = (xa if step else xa[:, -1]).to(slots[0].dtype)
-        return dx, type(state)(last, *slots, state.x_ffn), cache, v_first
-
-    def forward(self, x, state, cache=None, v_first=None):
-        """Parallel mode: x (B, T, C) after `state` (this layer's, slots (B, ...)) and, in an attention layer, its
-        KVCache. Returns x, the state after x, the cache after x (None in an RWKV layer) and RWKV-7's v_first
-        (layer 0's value, (B, T, C), that later layers mix in; None in other versions)."""
+    def forward(self, x, state, cache=None, v_first=None, use_cache=True):
+        """x (B, T, C), any T (RNN mode: 1), after `state` (this layer's, slots (B, ...)) and, in an attention layer,
+        its KVCache. Returns x, the state after x, the cache after x (None in an RWKV layer, or without use_cache)
+        and RWKV-7's v_first (layer 0's value, (B, T, C), that later layers mix in; None in other versions). Every
+        time mix takes (x, x_prev, its state, v_first) and returns (y, its state, v_first); attention takes its cache
+        and leaves the RWKV slots as they are."""
         if hasattr(self, 'ln0'):  # block 0 normalises the embedding (RWKV-v4neo Block.forward)
             x = self.ln0(x)
-        dx, state, cache, v_first = self.time_mix(self.ln1(x), state, cache, v_first, step=False)
+        xa = self.ln1(x)
+        if self.attention:
+            dx, cache = self.att(xa, cache, use_cache)
+            time_state, x_att = state.time_state(), state.x_att
+        else:
+            dx, time_state, v_first = self.att(xa, state.x_att, state.time_state(), v_first)
+            x_att = xa[:, -1]  # taken after the time mix ran: autograd sums xa's gradients in the order it always did
         x = self.drop0(x + dx)
         xf = self.ln2(x)
         x = self.drop1(x + self.ffn(xf, state.x_ffn))
-        return x, state._replace(x_ffn=xf[:, -1].to(state.x_ffn.dtype)), cache, v_first
-
-    def step(self, x, state, cache=None, v_first=None):
-        """RNN mode: x (B, C), one token after `state` (and the KVCache of an attention layer). Returns x, the new
-        state and cache, and v_first (B, C) in RWKV-7."""
-        if hasattr(self, 'ln0'):
-            x = self.ln0(x)
-        dx, state, cache, v_first = self.time_mix(self.ln1(x), state, cache, v_first, step=True)
-        x = x + dx
-        xf = self.ln2(x)
-        x = x + self.ffn.step(xf, state.x_ffn)
-        return x, state._replace(x_ffn=xf.to(state.x_ffn.dtype)), cache, v_first
-
-
-VERSIONS = (4, 5, 5.1, 6, 7)
-
-
-@dataclass
-class RWKVConfig:
-    block_size: int = 1024  # training context length; the model itself has no context limit
-    vocab_size: int = 50277  # GPT-NeoX tokenizer, as the RWKV-4 Pile models
-    n_layer: int = 12
-    n_embd: int = 768
-    dim_ffn: int = 0  # 0 means RWKV-LM's: 4 * n_embd (versions 4 and 7), 3.5 * n_embd rounded down to 32 (5, 6)
-    emb_init: float = 1e-4  # emb.weight ~ U(-emb_init, emb_init); RWKV-v4neo: lr_init (train.py too), v5-v7: 1e-4
-    version: float = 4  # 4 | 5 (5.2, x052) | 5.1 (x051a, MicroRWKV's) | 6 (x060) | 7 (x070)
-    head_size: int = 64  # versions 5-7: channels per head of the matrix-valued state (n_head = n_embd / head_size)
-    lora_dims: tuple = ()  # versions 6 (mix, decay) and 7 (decay, a, v, gate): LoRA widths; () = RWKV-LM's defaults
-    wkv_backend: str = 'auto'  # 'auto' | 'cuda' | 'cpu' | 'torch': the WKV op's implementation (wkv_cuda/)
-    rescale_every: int = 0  # > 0: weights rescaled for fp16 (RWKV.rescale_for_fp16), x halves every N layers
-    dropout: float = 0.0  # RWKV-LM's: on the residual stream after each time mix and channel mix, in training
-    moe_experts: int = 0  # > 0: each channel mix is a top-k mixture of this many experts (moe.py)
-    moe_top_k: int = 1  # experts per token
-    moe_aux_coef: float = 0.01  # weight of the load-balancing loss in the training loss (Switch Transformer's alpha)
-    attn_layers: tuple = ()  # blocks whose time mix is causal softmax attention (a hybrid)
-    n_head: int = 4  # the attention layers' query heads
-    attn_window: int = 0  # > 0: an attention layer sees the last attn_window tokens (Mistral); 0 = all before
-    attn_kv_heads: int = 0  # grouped-query attention: K/V heads shared by the n_head query heads; 0 = n_head
-
-    @property
-    def wkv_op(self):
-        """The wkv_cuda kernel this version's time mix runs: 'wkv4', 'wkv5' (RWKV-5, 5.1 and 6) or 'wkv7'."""
-        return {4: 'wkv4', 7: 'wkv7'}.get(self.version, 'wkv5')
-
-    def __post_init__(self):
-        for key in ('block_size', 'vocab_size', 'n_layer', 'n_embd'):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} must be at least 1")
-        if self.wkv_backend not in BACKENDS:
-            raise ValueError(f"wkv_backend must be one of {', '.join(BACKENDS)}, got {self.wkv_backend!r}")
-        if self.version not in VERSIONS:
-            raise ValueError(f"version={self.version} must be one of {', '.join(map(str, VERSIONS))}")
-        self.version = int(self.version) if self.version == int(self.version) else self.version  # 7.0 -> 7
-        if self.version > 4:
-            if self.head_size < 1 or self.n_embd % self.head_size:
-                raise ValueError(f"n_embd={self.n_embd} must be a multiple of head_size={self.head_size} (RWKV-"
-                                 f"{self.version}'s heads); set head_size to a divisor of n_embd")
-            if self.moe_experts or self.attn_layers:
-                raise ValueError("moe_experts and attn_layers are options of RWKV-4 (version=4) only")
-        if self.version == 6 and not self.lora_dims:
-            self.lora_dims = (32, 64)  # RWKV-v5/src/model.py RWKV_Tmix_x060: D_MIX_LORA, D_DECAY_LORA
-        if self.version == 7 and not self.lora_dims:  # RWKV-v7/train_temp/src/model.py: D_DECAY/AAA/MV/GATE_LORA
-            self.lora_dims = tuple(max(32, int(round(f * self.n_embd ** 0.5 / 32) * 32)) for f in (2.5, 2.5, 1.7, 5))
-        self.lora_dims = tuple(self.lora_dims)  # a checkpoint stores a list
-        want = {6: 2, 7: 4}.get(self.version, 0)
-        if len(self.lora_dims) != want or any(d < 1 for d in self.lora_dims):
-            raise ValueError(f"lora_dims={list(self.lora_dims)}: version {self.version} takes {want} positive widths")
-        if self.dim_ffn == 0:
-            if self.version in (4, 7):
-                self.dim_ffn = 4 * self.n_embd
-            else:  # RWKV-v5/src/model.py: int((n_embd * 3.5) // 32 * 32), never 0 for a tiny model
-                self.dim_ffn = int(self.n_embd * 3.5) // 32 * 32 or int(self.n_embd * 3.5)
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        check_moe(self.moe_experts, self.moe_top_k, self.moe_aux_coef)
-        self.attn_layers = tuple(self.attn_layers)  # a checkpoint stores a list
-        bad = [i for i in self.attn_layers if not 0 <= i < self.n_layer]
-        if bad or len(set(self.attn_layers)) != len(self.attn_layers):
-            raise ValueError(f"attn_layers={list(self.attn_layers)} must be distinct block indices in "
-                             f"0..{self.n_layer - 1}")
-        if self.attn_layers:
-            check_attention(self.n_embd, self.n_head, self.attn_kv_heads, self.attn_window)
+        return x, state.moved(x_att, time_state, xf[:, -1]), cache, v_first
 
 
 class RWKV(nn.Module):
@@ -641,6 +629,10 @@ class RWKV(nn.Module):
                 else:
                     nn.init.orthogonal_(p, gain=0.1 if re.search(r'\.att\.(key|gate)\.', n) else 1.0)
 
+    def fsdp_units(self):
+        """The modules FSDP shards one by one (train.py): each block, its parameters gathered only while it runs."""
+        return list(self.blocks)
+
     def get_num_params(self, non_embedding=True):
         """Parameter count; the embedding is a lookup (no FLOPs) and is left out by default."""
         n = sum(p.numel() for p in self.parameters())
@@ -661,8 +653,8 @@ class RWKV(nn.Module):
         state = State(zeros, aa.expand(L, B, C), bb.expand(L, B, C), pp.expand(L, B, C), zeros)
         return HybridState(state, (None,) * len(self.config.attn_layers)) if self.config.attn_layers else state
 
-    def _body(self, x, state, run):
-        # x: embeddings, (B, T, C) for run='forward', (B, C) for run='step'; returns ln_out(x) and the new state
+    def _body(self, x, state, use_cache):
+        # x: embeddings (B, T, C); returns ln_out(x) and the state after x (the KV caches only with use_cache)
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
         rnn, caches = (state.rnn, iter(state.kv)) if self.config.attn_layers else (state, iter(()))
@@ -670,15 +662,13 @@ class RWKV(nn.Module):
         r = self.config.rescale_every
         for i, block in enumerate(self.blocks):
             cache = next(caches) if block.attention else None
-            if run == 'step':
-                x, s, cache, v_first = block.step(x, rnn.layer(i), cache, v_first)
-            elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only the block's input; its activations are recomputed in backward (dropout too: the RNG
                 # state is replayed)
                 x, s, cache, v_first = torch.utils.checkpoint.checkpoint(block, x, rnn.layer(i), cache, v_first,
-                                                                         use_reentrant=False)
+                                                                         use_cache, use_reentrant=False)
             else:
-                x, s, cache, v_first = block(x, rnn.layer(i), cache, v_first)
+                x, s, cache, v_first = block(x, rnn.layer(i), cache, v_first, use_cache)
             layers.append(s)
             if block.attention:
                 new_caches.append(cache)
@@ -692,47 +682,49 @@ class RWKV(nn.Module):
         losses = [block.ffn.moe.aux_loss for block in self.blocks]
         return sum(losses) / len(losses)
 
-    def forward(self, idx, targets=None, state=None, n_tokens=None):
-        """idx, targets (B, T) -> logits (B, T, V) and the mean loss; without targets, the last position's logits.
-        A segment of a longer sample (bptt.py) passes the `state` it starts from and n_tokens, the sample's B * T:
-        then the return is (its summed loss / n_tokens, the state after it), so the segments' losses add up to the
-        sample's mean loss (and L2Wrap's gradient to the sample's) and no (T, C) or (T, V) tensor outlives it."""
-        x, new_state = self._body(self.emb(idx), state, 'forward')  # (B, T, C)
-        moe = self.config.moe_experts and self.training
-        if state is not None:
-            logits = self.head(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction='sum') / n_tokens
-            if self.training:
-                loss = L2Wrap.apply(loss, logits, n_tokens)
-            if moe:  # this segment's share of the sample's load-balancing loss
-                aux = self.moe_aux_loss()
-                self.last_moe_aux = aux.detach()
-                loss = loss + self.config.moe_aux_coef * aux * (idx.numel() / n_tokens)
-            return loss, new_state
-        if targets is not None:
-            logits = self.head(x)  # (B, T, V)
+    def loss(self, logits, targets, n_tokens=None):
+        """The training objective of logits (B, T, V): the mean cross-entropy, or for a segment of a longer sample
+        (bptt.py) its summed cross-entropy / n_tokens (the sample's B * T), so that the segments' losses add up to the
+        sample's mean loss (and L2Wrap's gradient to the sample's). In training, L2Wrap and moe_aux_coef x the MoE
+        load-balancing loss (this segment's share of it; detached in self.last_moe_aux for logging); in eval the
+        cross-entropy alone, comparable with other models."""
+        if n_tokens is None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            if self.training:
-                loss = L2Wrap.apply(loss, logits)
-            if moe:  # in training only: the eval loss is the cross-entropy alone, comparable with other models
+        else:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction='sum') / n_tokens
+        if self.training:
+            loss = L2Wrap.apply(loss, logits, n_tokens)
+            if self.config.moe_experts:
                 aux = self.moe_aux_loss()
                 self.last_moe_aux = aux.detach()
-                loss = loss + self.config.moe_aux_coef * aux
-        else:
-            logits = self.head(x[:, [-1], :])  # (B, 1, V): inference needs only the last position
-            loss = None
-        return logits, loss
+                loss = loss + self.config.moe_aux_coef * aux * (1.0 if n_tokens is None else targets.numel() / n_tokens)
+        return loss
+
+    def forward(self, idx, targets=None, state=None, n_tokens=None):
+        """idx, targets (B, T) -> logits (B, T, V) and the loss (self.loss); without targets, the last position's
+        logits and None: nanoGPT's convention, which train.py, sample.py and GPT share.
+        A segment of a longer sample (bptt.py) passes the `state` it starts from and n_tokens, and gets (its loss,
+        the state after it): no (T, C) or (T, V) tensor outlives the call. bptt calls the module itself, not a method,
+        because DDP and FSDP do their work (gradient sync, gathering the shards) in the module's __call__."""
+        x, new_state = self._body(self.emb(idx), state, use_cache=state is not None)  # (B, T, C)
+        if state is not None:
+            return self.loss(self.head(x), targets, n_tokens), new_state
+        if targets is None:
+            return self.head(x[:, [-1], :]), None  # (B, 1, V): inference needs only the last position
+        logits = self.head(x)  # (B, T, V)
+        return logits, self.loss(logits, targets)
 
     def prefill(self, idx, state=None):
         """Parallel mode over a chunk idx (B, T), starting from `state` (None = empty history).
-        Returns logits (B, T, V) and the State after the chunk."""
-        x, state = self._body(self.emb(idx), state, 'forward')
+        Returns logits (B, T, V) and the state after the chunk."""
+        x, state = self._body(self.emb(idx), state, use_cache=True)
         return self.head(x), state
 
     def step(self, token, state=None):
-        """RNN mode: one token per sequence, token (B,). Returns logits (B, V) and the new State."""
-        x, state = self._body(self.emb(token), state, 'step')
-        return self.head(x), state
+        """RNN mode: one token per sequence, token (B,). Returns logits (B, V) and the new state. The same blocks as
+        prefill with T = 1; each op takes its one-token form at that length (wkv_cuda)."""
+        x, state = self._body(self.emb(token)[:, None], state, use_cache=True)
+        return self.head(x[:, 0]), state
 
     @torch.no_grad()
     def rescale_for_fp16(self, every=6):

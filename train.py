@@ -34,6 +34,7 @@ from configurator import ConfigError, Option, parse_config
 from hardware import (DEVICE, DTYPES, autocast_context, measure_peak_flops, resolve_device, resolve_dtype,
                       start_distributed)
 from interop import load_pretrained
+from model_rwkv import RWKVConfig
 from wkv_cuda import BACKENDS, resolve_backend
 
 # -----------------------------------------------------------------------------
@@ -165,10 +166,9 @@ def new_model_args(cfg, vocab_size):
                               "attention already")
         return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                     bias=cfg.bias, vocab_size=vocab_size, **options)
-    # the embedding is U(-lr_init, lr_init) in RWKV-v4neo, U(-1e-4, 1e-4) in RWKV-v5 and v7
     return dict(n_layer=cfg.n_layer, n_embd=cfg.n_embd, block_size=cfg.block_size, vocab_size=vocab_size,
                 version=cfg.rwkv_version, head_size=cfg.head_size,
-                emb_init=cfg.learning_rate if cfg.rwkv_version == 4 else 1e-4,
+                emb_init=RWKVConfig.rwkv_lm_emb_init(cfg.rwkv_version, cfg.learning_rate),
                 wkv_backend=cfg.wkv_backend, attn_layers=cfg.attn_layers, n_head=cfg.n_head, **options)
 
 
@@ -383,7 +383,7 @@ def main(argv):
     initial_state = partial(raw_model.initial_state, device=device) if cfg.model_type == 'rwkv' else None
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
-        for block in (model.transformer.h if cfg.model_type == 'gpt' else model.blocks):
+        for block in model.fsdp_units():
             fully_shard(block)  # each block's parameters gathered only while it runs
         fully_shard(model)
     lr_scale = {'lr_scale': cfg.rwkv_lr_scale} if cfg.model_type == 'rwkv' else {}

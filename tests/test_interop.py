@@ -7,7 +7,7 @@ import torch
 
 from model_gpt import GPT
 from model_rwkv import RWKV
-from helpers import tiny_gpt, tiny_rwkv
+from helpers import official_pth, tiny_gpt, tiny_rwkv
 from interop import plain_state_dict
 
 transformers = pytest.importorskip('transformers')
@@ -121,33 +121,8 @@ def test_pth_export_runs_in_rwkv_pip_package(tmp_path):
     assert max_diff(got[0, -1], out) <= 1e-4
 
 
-def official_rwkv4_pth(path, L=3, C=12, F=40, V=V, seed=0):
-    """An RWKV-4 .pth in BlinkDL's layout, written here from RWKV-LM's key names and shapes (RWKV-v4neo/src/model.py:
-    time_mix_* (1, 1, C), time_decay / time_first (C,), ln0 in block 0 only, no biases) and in bf16, as the released
-    RWKV-4-Pile-*.pth files are; random values, not our model's state_dict."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=0.3):
-        return (scale * torch.randn(*shape, generator=g)).to(torch.bfloat16)
-    state = {'emb.weight': r(V, C), 'ln_out.weight': 1 + r(C, scale=0.1), 'ln_out.bias': r(C, scale=0.1),
-             'head.weight': r(V, C)}
-    for i in range(L):
-        p = f'blocks.{i}.'
-        lns = ['ln0', 'ln1', 'ln2'] if i == 0 else ['ln1', 'ln2']
-        for ln in lns:
-            state[p + ln + '.weight'], state[p + ln + '.bias'] = 1 + r(C, scale=0.1), r(C, scale=0.1)
-        state[p + 'att.time_decay'] = r(C, scale=1.0)
-        state[p + 'att.time_first'] = r(C, scale=1.0)
-        for name in ('att.time_mix_k', 'att.time_mix_v', 'att.time_mix_r', 'ffn.time_mix_k', 'ffn.time_mix_r'):
-            state[p + name] = torch.rand(1, 1, C, generator=g).to(torch.bfloat16)
-        for name in ('att.key', 'att.value', 'att.receptance', 'att.output', 'ffn.receptance'):
-            state[p + name + '.weight'] = r(C, C)
-        state[p + 'ffn.key.weight'], state[p + 'ffn.value.weight'] = r(F, C), r(C, F)
-    torch.save(state, path)
-
-
 def test_official_pth_loads_and_matches_rwkv_pip(tmp_path):
-    official_rwkv4_pth(tmp_path / 'RWKV-4-Pile-tiny.pth')
+    official_pth(4, tmp_path / 'RWKV-4-Pile-tiny.pth', C=12, V=V, dtype=torch.bfloat16)  # as the released files
     ours = RWKV.from_pretrained(tmp_path / 'RWKV-4-Pile-tiny.pth', wkv_backend='torch').eval()
     assert (ours.config.n_layer, ours.config.n_embd, ours.config.dim_ffn, ours.config.vocab_size) == (3, 12, 40, V)
     # the oracle: the rwkv pip package (its own loader, its own RNN) on the same weights upcast to fp32 (given the bf16

@@ -1,5 +1,7 @@
 """The repository's shape: who imports whom."""
 import ast
+import runpy
+import sys
 
 from helpers import REPO
 
@@ -85,3 +87,35 @@ def test_model_files_import_torch_their_ops_and_shared_layers_only():
     # train.py's own checkpoints know nothing of other programs' files; quantize.py knows no model
     assert not {b for a, b in edges if a == 'checkpoint'} & {'interop', 'quantize'}
     assert not {b for a, b in edges if a == 'quantize'} & {'model_gpt', 'model_rwkv', 'checkpoint', 'interop'}
+
+
+SCRIPTS = ['train.py', 'sample.py', 'export.py', 'benchmark_inference_time.py', 'assets/make_animations.py',
+           'data/shakespeare_char/prepare.py', 'data/shakespeare/prepare.py', 'data/openwebtext/prepare.py',
+           'data/openwebtext_neox/prepare.py', 'data/tinystories/prepare.py'] + \
+    [f'benchmarks/{f.name}' for f in sorted((REPO / 'benchmarks').glob('bench_*.py'))]
+
+
+def option_names(name):
+    """The keys of a script's OPTIONS (the data scripts': DOCUMENT_OPTIONS), its module run without __main__."""
+    module = runpy.run_path(str(REPO / name))
+    return set(module.get('OPTIONS') or module['DOCUMENT_OPTIONS'])
+
+
+def cfg_reads(path):
+    return {n.attr for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == 'cfg'}
+
+
+def test_every_script_reads_the_options_it_documents_and_documents_what_it_reads(monkeypatch):
+    """--help prints OPTIONS (configurator.usage); here each documented option is one the script (or data/common.py,
+    for the dataset scripts) reads as cfg.<key>, and each cfg.<key> it reads is documented."""
+    monkeypatch.setattr(sys, 'path', list(sys.path))  # the data scripts put the repository root on it
+    assert len(SCRIPTS) >= 19
+    for name in SCRIPTS:
+        path = REPO / name
+        options = option_names(name)
+        assert options, f"{name} has no OPTIONS"
+        documents = 'DOCUMENT_OPTIONS' in path.read_text()  # the script hands its cfg to data/common.py
+        reads = cfg_reads(path) | (cfg_reads(REPO / 'data' / 'common.py') if documents else set())
+        assert options <= reads, f"{name} documents options it never reads: {sorted(options - reads)}"
+        assert reads <= options, f"{name} reads options it does not document: {sorted(reads - options)}"

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from helpers import args, loss_lines, one_line_error, run, tiny_rwkv
+from helpers import args, loss_lines, official_pth, one_line_error, run, tiny_rwkv
 from model_rwkv import RWKV, RWKVConfig, MatrixState
 
 VERSIONS = [5, 5.1, 6, 7]
@@ -119,57 +119,6 @@ def test_bf16_autocast_keeps_the_state_fp32():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the rwkv pip package, both directions
-
-def official_pth(version, path, L=3, C=16, H=4, F=40, V=37, seed=0):
-    """A .pth in RWKV-LM's layout, written here from its key names and shapes (RWKV-v5/src/model.py RWKV_Tmix_x052 /
-    x060 and RWKV_CMix_x052 / x060, BlinkDL/nanoRWKV's x051a as the rwkv pip package reads 5.1, RWKV-v7/train_temp/
-    src/model.py RWKV_Tmix_x070 / RWKV_CMix_x070), random values, not our model's state_dict."""
-    g = torch.Generator().manual_seed(seed)
-    N = C // H
-
-    def r(*shape, scale=0.3):
-        return scale * torch.randn(*shape, generator=g)
-
-    def u(*shape):
-        return torch.rand(*shape, generator=g)
-    state = {'emb.weight': r(V, C), 'ln_out.weight': 1 + r(C, scale=0.1), 'ln_out.bias': r(C, scale=0.1),
-             'head.weight': r(V, C)}
-    for i in range(L):
-        p = f'blocks.{i}.'
-        for ln in (['ln0', 'ln1', 'ln2'] if i == 0 else ['ln1', 'ln2']):
-            state[p + ln + '.weight'], state[p + ln + '.bias'] = 1 + r(C, scale=0.1), r(C, scale=0.1)
-        state[p + 'att.ln_x.weight'], state[p + 'att.ln_x.bias'] = 1 + r(C, scale=0.1), r(C, scale=0.1)
-        for name in ('receptance', 'key', 'value', 'output') + (() if version == 7 else ('gate',)):
-            state[p + f'att.{name}.weight'] = r(C, C)
-        state[p + 'ffn.key.weight'], state[p + 'ffn.value.weight'] = r(F, C), r(C, F)
-        if version != 7:
-            state[p + 'ffn.receptance.weight'] = r(C, C)
-        if version in (5, 5.1):
-            for name in ('att.time_mix_k', 'att.time_mix_v', 'att.time_mix_r', 'att.time_mix_g', 'ffn.time_mix_k',
-                         'ffn.time_mix_r'):
-                state[p + name] = u(1, 1, C)
-            shape = (H, N) if version == 5 else (H,)
-            state[p + 'att.time_decay'], state[p + 'att.time_faaaa'] = r(*shape, scale=1.0) - 1, r(*shape)
-        elif version == 6:
-            for name in ('x', 'w', 'k', 'v', 'r', 'g'):
-                state[p + f'att.time_maa_{name}'] = u(1, 1, C)
-            state[p + 'ffn.time_maa_k'], state[p + 'ffn.time_maa_r'] = u(1, 1, C), u(1, 1, C)
-            state[p + 'att.time_maa_w1'], state[p + 'att.time_maa_w2'] = r(C, 5 * 8), r(5, 8, C)
-            state[p + 'att.time_decay'] = r(1, 1, C, scale=1.0) - 1
-            state[p + 'att.time_decay_w1'], state[p + 'att.time_decay_w2'] = r(C, 12), r(12, C)
-            state[p + 'att.time_faaaa'] = r(H, N)
-        else:
-            for name in ('x_r', 'x_w', 'x_k', 'x_v', 'x_a', 'x_g'):
-                state[p + 'att.' + name] = u(1, 1, C)
-            for name, d in (('w', 8), ('a', 12), ('v', 4), ('g', 16)):
-                if name != 'g':
-                    state[p + f'att.{name}0'] = r(1, 1, C, scale=1.0)
-                state[p + f'att.{name}1'], state[p + f'att.{name}2'] = r(C, d), r(d, C)
-            state[p + 'att.k_k'], state[p + 'att.k_a'] = u(1, 1, C), 1 + r(1, 1, C, scale=0.1)
-            state[p + 'att.r_k'] = r(H, N)
-            state[p + 'ffn.x_k'] = u(1, 1, C)
-    torch.save(state, path)
-
 
 PIP = '''
 import os, sys, torch

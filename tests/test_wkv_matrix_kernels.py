@@ -1,6 +1,6 @@
 """The compiled WKV kernels of RWKV-5/6 and RWKV-7 (wkv_cuda/wkv5_*, wkv7_*), and the CUDA source of every op in the
-repo run on CPU threads through wkv_cuda/cuda_shim, against the per-token float64 loops (which test_wkv5.py and
-test_wkv7.py check against the definitions): output, outgoing state and every gradient, the incoming state's
+repo run on CPU threads through wkv_cuda/cuda_shim, against the per-token float64 loops (which
+test_wkv_matrix_ops.py checks against the definitions): output, outgoing state and every gradient, the incoming state's
 included, in float64 (<= 1e-10), float32 (<= 1e-5 of the float64 result) and, for the CUDA source, bfloat16 inputs
 (within bfloat16 rounding of its float32 result). Then: torch.compile, the binding's errors, which kernel a model
 builds, ThreadSanitizer on the shim (and that it catches a missing __syncthreads), and ptxas for sm_80 / sm_90."""

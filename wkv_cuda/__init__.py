@@ -290,6 +290,10 @@ def wkv(time_decay, time_first, k, v, state=None, backend='auto'):
     w = -torch.exp(time_decay.to(acc))  # (C,) per-step log-decay
     u = time_first.to(acc)  # (C,)
     aa, bb, pp = initial_state(B, C, k.device, acc) if state is None else (s.to(acc) for s in state)
+    if T == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (time_decay, time_first, k, v))):
+        # one token, no gradient (RNN decoding): the recurrence itself, a few elementwise ops on (B, C)
+        y, aa, bb, pp = wkv_step(w, u, k[:, 0].to(acc), v[:, 0].to(acc), aa, bb, pp)
+        return y[:, None].to(k.dtype), (aa, bb, pp)
     if chosen == 'torch':
         y, aa, bb, pp = WKVTorch.apply(w, u, k, v, aa, bb, pp)
     else:
