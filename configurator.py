@@ -80,6 +80,8 @@ def check_value(options, key, value, origin):
     want = type(option.default)
     if want is float and type(value) is int:
         value = float(value)  # an int may stand for a float
+    if want is str and type(value) in (int, float):
+        value = f'{value:g}'  # and a number for a string: --rwkv_version=7 is '7'
     if type(value) is not want:
         raise ConfigError(f"config key '{key}' in {origin} expects {want.__name__}, got {value!r} "
                           f"({type(value).__name__})")

@@ -153,16 +153,16 @@ def load_official_pth(path):
 def pth_version(state):
     """The RWKV-LM version of a .pth, told apart by its keys and shapes as the rwkv pip package does."""
     if 'blocks.0.att.r_k' in state:
-        return 7
+        return '7'
     if 'blocks.0.att.time_maa_x' in state:
-        return 6
+        return '6'
     if 'blocks.0.att.ln_x.weight' in state:
         if 'blocks.0.att.gate.weight' not in state:
             raise ValueError("this .pth is RWKV-5.0 (no gate), which nanoRWKV does not run; RWKV-4, 5.1, 5.2, 6 and "
                              "7 it does")
         decay = state['blocks.0.att.time_decay']
-        return 5 if decay.dim() > 1 and decay.shape[1] > 1 else 5.1  # a decay per channel (5.2) or per head (5.1)
-    return 4
+        return '5' if decay.dim() > 1 and decay.shape[1] > 1 else '5.1'  # a decay per channel (5.2) or per head
+    return '4'
 
 
 def pth_config(state):
@@ -172,16 +172,16 @@ def pth_config(state):
     args = dict(version=version, vocab_size=V, n_embd=C, dim_ffn=state['blocks.0.ffn.key.weight'].shape[0],
                 n_layer=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')))
     att = {k[len('blocks.0.att.'):]: v for k, v in state.items() if k.startswith('blocks.0.att.')}
-    if version == 7:
+    if version == '7':
         v1 = state.get('blocks.1.att.v1', att.get('v1'))
         args.update(head_size=att['r_k'].shape[-1], lora_dims=(att['w1'].shape[1], att['a1'].shape[1],
                                                                 v1.shape[1], att['g1'].shape[1]))
-    elif version == 6:
+    elif version == '6':
         args.update(head_size=att['time_faaaa'].shape[-1],
                     lora_dims=(att['time_maa_w1'].shape[1] // 5, att['time_decay_w1'].shape[1]))
-    elif version == 5:
+    elif version == '5':
         args.update(head_size=att['time_decay'].shape[1])
-    elif version == 5.1:
+    elif version == '5.1':
         args.update(head_size=C // att['time_decay'].shape[0])
     return args
 
@@ -195,13 +195,13 @@ def from_rwkv_lm(state, version):
     time_first (u = exp(time_first), the rwkv pip package reads it so) becomes time_faaaa."""
     out = {}
     for k, v in state.items():
-        if version == 7 and re.fullmatch(r'blocks\.0\.att\.v[012]', k):
+        if version == '7' and re.fullmatch(r'blocks\.0\.att\.v[012]', k):
             continue
-        if version == 5.1 and MIX_51.search(k) and '.time_mix_' in k:
+        if version == '5.1' and MIX_51.search(k) and '.time_mix_' in k:
             k, v = k.replace('.time_mix_', '.time_maa_'), 1 - v.float()
-        if version > 4 and k.endswith('.time_first'):
+        if version != '4' and k.endswith('.time_first'):
             k, v = k[:-len('time_first')] + 'time_faaaa', torch.exp(v.float())
-        if version == 5.1 and k.endswith(('.time_decay', '.time_faaaa')):
+        if version == '5.1' and k.endswith(('.time_decay', '.time_faaaa')):
             v = v.reshape(-1, 1)
         out[k] = v
     return out
@@ -211,10 +211,10 @@ def to_rwkv_lm(state, config):
     """Our plain state dict as RWKV-LM's .pth: from_rwkv_lm's inverse."""
     out = {}
     for k, v in state.items():
-        if config.version == 5.1 and MIX_51.search(k):
+        if config.version == '5.1' and MIX_51.search(k):
             k, v = k.replace('.time_maa_', '.time_mix_'), 1 - v
         out[k] = v
-    if config.version == 7:  # RWKV_Tmix_x070 layer 0's v0 / v1 / v2 at their constructor values (v2: zeros)
+    if config.version == '7':  # RWKV_Tmix_x070 layer 0's v0 / v1 / v2 at their constructor values (v2: zeros)
         C = config.n_embd
         linear = torch.arange(C, dtype=torch.float32) / max(C - 1, 1) - 0.5
         d_v = config.lora_dims[2]
@@ -280,7 +280,7 @@ def save_rwkv_hf(model, directory):
     """Write a Hugging Face format directory (config.json + model.safetensors) that transformers loads as
     RwkvForCausalLM."""
     cfg = model.config
-    if cfg.version > 4:
+    if cfg.version != '4':
         raise ValueError(f"transformers has no class for RWKV-{cfg.version} (its RwkvForCausalLM is RWKV-4): export "
                          f"the official .pth instead (save_pth, export.py --format=pth)")
     state = {hf_name(k): v for k, v in plain_state_dict(model).items()}
@@ -460,7 +460,7 @@ def save_rwkvcpp(model, path, data_type='FP32'):
     """Write an RWKV-4 model as an rwkv.cpp file of data_type FP32, FP16, Q8_0, Q5_1 or Q4_0."""
     if data_type not in RWKVCPP_TYPES:
         raise ValueError(f"rwkv.cpp data type must be one of {', '.join(RWKVCPP_TYPES)}, got {data_type!r}")
-    if model.config.version != 4:
+    if model.config.version != '4':
         raise ValueError(f"the rwkv.cpp format written here is RWKV-4's; this model is RWKV-{model.config.version}: "
                          f"export it as an official .pth (--format=pth) or quantize it (--format=int8, ...)")
     state = plain_state_dict(model)  # RWKV-LM's names and values, fp32; refuses MoE / hybrids

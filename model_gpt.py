@@ -112,6 +112,9 @@ class GPT(nn.Module):
         """The modules FSDP shards one by one (train.py): each block, its parameters gathered only while it runs."""
         return list(self.transformer.h)
 
+    def build_kernels(self, device):
+        """Nothing to build: GPT's attention is PyTorch's scaled_dot_product_attention (RWKV builds its WKV op)."""
+
     def get_num_params(self, non_embedding=True):
         """Parameter count; the position embedding is left out by default (the token embedding is shared with
         lm_head, so it does real work and stays in)."""

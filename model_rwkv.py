@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from attention import CausalSelfAttention, check_attention
 from moe import MoE, check_moe
 from sampling import generate_tokens
-from wkv_cuda import BACKENDS, initial_state, wkv
+from wkv_cuda import BACKENDS, initial_state, resolve_backend, wkv
 from wkv_cuda.wkv5 import wkv5
 from wkv_cuda.wkv7 import wkv7
 
@@ -106,7 +106,12 @@ def ortho(rows, cols, scale):
 # ---------------------------------------------------------------------------------------------------------------------
 # the config
 
-VERSIONS = (4, 5, 5.1, 6, 7)
+VERSIONS = ('4', '5', '5.1', '6', '7')
+
+
+def version_name(version):
+    """An RWKV-LM version as RWKVConfig keeps it, a string: 7, 7.0 and '7' are '7'; 5.1 is '5.1'."""
+    return f'{version:g}' if isinstance(version, (int, float)) and not isinstance(version, bool) else version
 
 
 @dataclass
@@ -117,7 +122,7 @@ class RWKVConfig:
     n_embd: int = 768
     dim_ffn: int = 0  # 0 means RWKV-LM's: 4 * n_embd (versions 4 and 7), 3.5 * n_embd rounded down to 32 (5, 6)
     emb_init: float = 1e-4  # emb.weight ~ U(-emb_init, emb_init); RWKV-v4neo: lr_init (train.py too), v5-v7: 1e-4
-    version: float = 4  # 4 | 5 (5.2, x052) | 5.1 (x051a, MicroRWKV's) | 6 (x060) | 7 (x070)
+    version: str = '4'  # '4' | '5' (5.2, x052) | '5.1' (x051a, MicroRWKV's) | '6' (x060) | '7' (x070); 7 reads '7'
     head_size: int = 64  # versions 5-7: channels per head of the matrix-valued state (n_head = n_embd / head_size)
     lora_dims: tuple = ()  # versions 6 (mix, decay) and 7 (decay, a, v, gate): LoRA widths; () = RWKV-LM's defaults
     wkv_backend: str = 'auto'  # 'auto' | 'cuda' | 'cpu' | 'torch': the WKV op's implementation (wkv_cuda/)
@@ -135,12 +140,12 @@ class RWKVConfig:
     def rwkv_lm_emb_init(version, learning_rate):
         """RWKV-LM's range of the uniform embedding init: the learning rate (lr_init) in RWKV-v4neo, 1e-4 in RWKV-v5
         and v7 (train.py's choice for a new model)."""
-        return learning_rate if version == 4 else 1e-4
+        return learning_rate if version_name(version) == '4' else 1e-4
 
     @property
     def wkv_op(self):
         """The wkv_cuda kernel this version's time mix runs: 'wkv4', 'wkv5' (RWKV-5, 5.1 and 6) or 'wkv7'."""
-        return {4: 'wkv4', 7: 'wkv7'}.get(self.version, 'wkv5')
+        return {'4': 'wkv4', '7': 'wkv7'}.get(self.version, 'wkv5')
 
     def __post_init__(self):
         for key in ('block_size', 'vocab_size', 'n_layer', 'n_embd'):
@@ -148,25 +153,26 @@ class RWKVConfig:
                 raise ValueError(f"{key}={getattr(self, key)} must be at least 1")
         if self.wkv_backend not in BACKENDS:
             raise ValueError(f"wkv_backend must be one of {', '.join(BACKENDS)}, got {self.wkv_backend!r}")
-        if self.version not in VERSIONS:
-            raise ValueError(f"version={self.version} must be one of {', '.join(map(str, VERSIONS))}")
-        self.version = int(self.version) if self.version == int(self.version) else self.version  # 7.0 -> 7
-        if self.version > 4:
+        version = version_name(self.version)
+        if version not in VERSIONS:
+            raise ValueError(f"version={self.version!r} must be one of {', '.join(VERSIONS)}")
+        self.version = version
+        if self.version != '4':
             if self.head_size < 1 or self.n_embd % self.head_size:
                 raise ValueError(f"n_embd={self.n_embd} must be a multiple of head_size={self.head_size} (RWKV-"
                                  f"{self.version}'s heads); set head_size to a divisor of n_embd")
             if self.moe_experts or self.attn_layers:
-                raise ValueError("moe_experts and attn_layers are options of RWKV-4 (version=4) only")
-        if self.version == 6 and not self.lora_dims:
+                raise ValueError("moe_experts and attn_layers are options of RWKV-4 (version='4') only")
+        if self.version == '6' and not self.lora_dims:
             self.lora_dims = (32, 64)  # RWKV-v5/src/model.py RWKV_Tmix_x060: D_MIX_LORA, D_DECAY_LORA
-        if self.version == 7 and not self.lora_dims:  # RWKV-v7/train_temp/src/model.py: D_DECAY/AAA/MV/GATE_LORA
+        if self.version == '7' and not self.lora_dims:  # RWKV-v7/train_temp/src/model.py: D_DECAY/AAA/MV/GATE_LORA
             self.lora_dims = tuple(max(32, int(round(f * self.n_embd ** 0.5 / 32) * 32)) for f in (2.5, 2.5, 1.7, 5))
         self.lora_dims = tuple(self.lora_dims)  # a checkpoint stores a list
-        want = {6: 2, 7: 4}.get(self.version, 0)
+        want = {'6': 2, '7': 4}.get(self.version, 0)
         if len(self.lora_dims) != want or any(d < 1 for d in self.lora_dims):
             raise ValueError(f"lora_dims={list(self.lora_dims)}: version {self.version} takes {want} positive widths")
         if self.dim_ffn == 0:
-            if self.version in (4, 7):
+            if self.version in ('4', '7'):
                 self.dim_ffn = 4 * self.n_embd
             else:  # RWKV-v5/src/model.py: int((n_embd * 3.5) // 32 * 32), never 0 for a tiny model
                 self.dim_ffn = int(self.n_embd * 3.5) // 32 * 32 or int(self.n_embd * 3.5)
@@ -245,7 +251,7 @@ class ChannelMix(nn.Module):
         C = config.n_embd
         ratio_1_to_almost0 = 1.0 - layer_id / config.n_layer  # RWKV-v4neo RWKV_ChannelMix.__init__
         ramp = channel_ramp(C)
-        if config.version in (5.1, 6):
+        if config.version in ('5.1', '6'):
             self.time_maa_k = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)  # (1, 1, C)
             self.time_maa_r = nn.Parameter(1.0 - ramp ** ratio_1_to_almost0)
         else:
@@ -302,7 +308,7 @@ class TimeMix5(nn.Module):
         mix_k = ramp ** ratio_1_to_almost0
         mix_v = ramp ** ratio_1_to_almost0 + 0.3 * ratio_0_to_1
         mix_r = ramp ** (0.5 * ratio_1_to_almost0)
-        if config.version == 5.1:  # x051a
+        if config.version == '5.1':  # x051a
             self.time_maa_k, self.time_maa_v = nn.Parameter(1 - mix_k), nn.Parameter(1 - mix_v)
             self.time_maa_r, self.time_maa_g = nn.Parameter(1 - mix_r), nn.Parameter(1 - mix_r.clone())
             h = torch.arange(H, dtype=torch.float32) / max(H - 1, 1)
@@ -530,7 +536,7 @@ class HybridState(NamedTuple):
     kv: tuple
 
 
-TIME_MIXES = {4: TimeMix, 5: TimeMix5, 5.1: TimeMix5, 6: TimeMix6, 7: TimeMix7}  # by RWKVConfig.version
+TIME_MIXES = {'4': TimeMix, '5': TimeMix5, '5.1': TimeMix5, '6': TimeMix6, '7': TimeMix7}  # by RWKVConfig.version
 
 
 class Block(nn.Module):
@@ -541,13 +547,12 @@ class Block(nn.Module):
             self.ln0 = nn.LayerNorm(config.n_embd)  # RWKV-LM normalises the embedding inside block 0
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.ln2 = nn.LayerNorm(config.n_embd)
-        self.version = config.version
         self.attention = layer_id in config.attn_layers
         if self.attention:  # no bias, as every RWKV matrix
             self.att = CausalSelfAttention(config.n_embd, config.n_head, config.attn_kv_heads, config.attn_window)
         else:
             self.att = TIME_MIXES[config.version](config, layer_id)
-        self.ffn = (ChannelMix7 if config.version == 7 else ChannelMix)(config, layer_id)
+        self.ffn = (ChannelMix7 if config.version == '7' else ChannelMix)(config, layer_id)
         # RWKV-v4neo/src/model.py Block.forward: x = drop0(x + att(ln1(x))), x = drop1(x + ffn(ln2(x)))
         self.drop0 = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.drop1 = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
@@ -593,7 +598,7 @@ class RWKV(nn.Module):
         # at gain 0.5, and the embedding is uniform and tiny. Our options follow the same rule: an expert's
         # receptance and value and an attention layer's output projection start at zero, the router and c_attn
         # orthogonal.
-        if self.config.version > 4:
+        if self.config.version != '4':
             return self._init_weights_matrix_state()
         zero = re.compile(r'\.(att\.(key|receptance|output|c_proj)|ffn\.(moe\.experts\.\d+\.)?(value|receptance))\.')
         for n, p in self.named_parameters():
@@ -633,6 +638,11 @@ class RWKV(nn.Module):
         """The modules FSDP shards one by one (train.py): each block, its parameters gathered only while it runs."""
         return list(self.blocks)
 
+    def build_kernels(self, device):
+        """Build (or load) the compiled WKV kernel this model runs on `device`, so that a failed build is a
+        RuntimeError of one line before training starts rather than in its first step."""
+        resolve_backend(self.config.wkv_backend, torch.device(device), self.config.wkv_op)
+
     def get_num_params(self, non_embedding=True):
         """Parameter count; the embedding is a lookup (no FLOPs) and is left out by default."""
         n = sum(p.numel() for p in self.parameters())
@@ -644,7 +654,7 @@ class RWKV(nn.Module):
         device = device or self.emb.weight.device
         dtype = torch.promote_types(self.emb.weight.dtype, torch.float32)  # fp32, or fp64 for a fp64 model
         L, C = self.config.n_layer, self.config.n_embd
-        if self.config.version > 4:
+        if self.config.version != '4':
             N = self.config.head_size
             zeros = torch.zeros(L, B, C, device=device, dtype=dtype)
             return MatrixState(zeros, torch.zeros(L, B, C // N, N, N, device=device, dtype=dtype), zeros)

@@ -34,8 +34,8 @@ from configurator import ConfigError, Option, parse_config
 from hardware import (DEVICE, DTYPES, autocast_context, measure_peak_flops, resolve_device, resolve_dtype,
                       start_distributed)
 from interop import load_pretrained
-from model_rwkv import RWKVConfig
-from wkv_cuda import BACKENDS, resolve_backend
+from model_rwkv import VERSIONS, RWKVConfig
+from wkv_cuda import BACKENDS
 
 # -----------------------------------------------------------------------------
 # default config values: RWKV-4 ~130M on OpenWebText
@@ -82,8 +82,8 @@ OPTIONS = dict(
     dropout=Option(0.0, "gpt: nanoGPT's; rwkv: RWKV-LM's, on the residual stream after each time and channel mix",
                    '[0, 1)'),
     bias=Option(False, "gpt only: biases in Linears and LayerNorms"),
-    rwkv_version=Option(4.0, "rwkv only: RWKV-LM's version: 4, 5 (5.2), 5.1 (MicroRWKV's x051a), 6 or 7",
-                        (4, 5, 5.1, 6, 7)),
+    rwkv_version=Option('4', "rwkv only: RWKV-LM's version: 4, 5 (5.2), 5.1 (MicroRWKV's x051a), 6 or 7",
+                        VERSIONS),
     head_size=Option(64, "rwkv 5-7: channels per head of the matrix-valued state (n_embd must be a multiple)",
                      '>= 1'),
     wkv_backend=Option('auto', "rwkv only: the WKV op's implementation: the compiled kernel of the device ('auto'), "
@@ -367,11 +367,10 @@ def main(argv):
     torch.manual_seed(cfg.seed + rank)  # from here on (dropout) each rank draws its own numbers
     model.activation_checkpointing = cfg.activation_checkpointing
     model.to(device)
-    if cfg.model_type == 'rwkv':
-        try:  # build (or load) the kernel now: a failure is a one-line error before training starts
-            resolve_backend(model.config.wkv_backend, torch.device(device), model.config.wkv_op)
-        except RuntimeError as e:
-            raise ConfigError(str(e)) from e
+    try:  # build (or load) the model's kernels now: a failure is a one-line error before training starts
+        model.build_kernels(device)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from e
     if master:
         print(f"{cfg.model_type}: {model.get_num_params() / 1e6:.2f}M parameters (non-embedding)")
     vocab_size = model.config.vocab_size

@@ -55,7 +55,8 @@ def trace(cfg):
             f = dict(t=t, x=xa[0], x_prev=prev[0], k=k, v=v, r=r, a=a.clone(), b=b.clone(), y=y,
                      gated=torch.sigmoid(r) * y)
             a, b = torch.exp(-w) * a + torch.exp(k) * v, torch.exp(-w) * b + torch.exp(k)
-            out, new_state, _, _ = block.step(emb, state)  # the model's own step: the same numbers go on
+            out, new_state, _, _ = block(emb[:, None], state)  # the model's own block at T = 1: the same numbers
+            out = out[:, 0]
             x_mid = x + att.output(f['gated'][None])
             xf, fprev = block.ln2(x_mid), state.x_ffn.double()
             key = torch.relu(ffn.key(torch.lerp(fprev, xf, ffn.time_mix_k[0]))) ** 2

@@ -37,8 +37,8 @@ OPTIONS = dict(
     compile=Option([False, True], "run each of our models eager and/or torch.compile'd"),
     transformers=Option(True, "add transformers' RwkvForCausalLM and GPT2LMHeadModel (eager) when installed"),
     wkv_backend=Option('auto', "rwkv 4: the WKV implementation", BACKENDS),
-    rwkv_version=Option(4.0, "our rwkv's RWKV-LM version: 4, 5, 5.1, 6 or 7 (transformers' is RWKV-4)",
-                        (4, 5, 5.1, 6, 7)),
+    rwkv_version=Option('4', "our rwkv's RWKV-LM version: 4, 5, 5.1, 6 or 7 (transformers' is RWKV-4)",
+                        ('4', '5', '5.1', '6', '7')),
     head_size=Option(64, "rwkv versions 5-7: channels per head of the matrix state", '>= 1'),
     warmup=Option(2, "untimed iterations first (the compile happens in the first)", '>= 1'),
     iters=Option(5, "timed iterations; the median is reported", '>= 1'),
@@ -114,8 +114,8 @@ def main(argv):
     print(f"# bench_train.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, {machine}, "
           f"{time.strftime('%Y-%m-%d')}\nL{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}, batch {B} x {T} tokens, "
           f"{dtype}, AdamW; forward + backward + step, median of {cfg.iters} after {cfg.warmup} warm-up; "
-          f"peak {peak / 1e12:.3g} TFLOP/s; rwkv = RWKV-{cfg.rwkv_version:g}"
-          f"{f' (head_size {cfg.head_size})' if cfg.rwkv_version != 4 else ''}\n")
+          f"peak {peak / 1e12:.3g} TFLOP/s; rwkv = RWKV-{cfg.rwkv_version}"
+          f"{f' (head_size {cfg.head_size})' if cfg.rwkv_version != '4' else ''}\n")
     print("| model | ms/iter | tokens/s | MFU | vs gpt |")
     print("|---|---|---|---|---|")
     g = torch.Generator().manual_seed(cfg.seed)

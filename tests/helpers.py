@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model_gpt import GPT, GPTConfig
-from model_rwkv import RWKV, RWKVConfig
+from model_rwkv import RWKV, RWKVConfig, version_name
 from wkv_cuda import wkv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,6 +238,7 @@ def official_pth(version, path, L=3, C=16, H=4, F=40, V=37, seed=0, dtype=torch.
     / x060, BlinkDL/nanoRWKV's x051a as the rwkv pip package reads 5.1, RWKV-v7/train_temp/src/model.py
     RWKV_Tmix_x070 / RWKV_CMix_x070; ln0 in block 0 only), random values, not our model's state_dict; saved in dtype
     (the released RWKV-4-Pile files are bf16)."""
+    version = version_name(version)
     g = torch.Generator().manual_seed(seed)
     N = C // H
 
@@ -252,24 +253,24 @@ def official_pth(version, path, L=3, C=16, H=4, F=40, V=37, seed=0, dtype=torch.
         p = f'blocks.{i}.'
         for ln in (['ln0', 'ln1', 'ln2'] if i == 0 else ['ln1', 'ln2']):
             state[p + ln + '.weight'], state[p + ln + '.bias'] = 1 + r(C, scale=0.1), r(C, scale=0.1)
-        if version != 4:
+        if version != '4':
             state[p + 'att.ln_x.weight'], state[p + 'att.ln_x.bias'] = 1 + r(C, scale=0.1), r(C, scale=0.1)
-        for name in ('receptance', 'key', 'value', 'output') + (() if version in (4, 7) else ('gate',)):
+        for name in ('receptance', 'key', 'value', 'output') + (() if version in ('4', '7') else ('gate',)):
             state[p + f'att.{name}.weight'] = r(C, C)
         state[p + 'ffn.key.weight'], state[p + 'ffn.value.weight'] = r(F, C), r(C, F)
-        if version != 7:
+        if version != '7':
             state[p + 'ffn.receptance.weight'] = r(C, C)
-        if version == 4:
+        if version == '4':
             state[p + 'att.time_decay'], state[p + 'att.time_first'] = r(C, scale=1.0), r(C, scale=1.0)
             for name in ('att.time_mix_k', 'att.time_mix_v', 'att.time_mix_r', 'ffn.time_mix_k', 'ffn.time_mix_r'):
                 state[p + name] = u(1, 1, C)
-        elif version in (5, 5.1):
+        elif version in ('5', '5.1'):
             for name in ('att.time_mix_k', 'att.time_mix_v', 'att.time_mix_r', 'att.time_mix_g', 'ffn.time_mix_k',
                          'ffn.time_mix_r'):
                 state[p + name] = u(1, 1, C)
-            shape = (H, N) if version == 5 else (H,)
+            shape = (H, N) if version == '5' else (H,)
             state[p + 'att.time_decay'], state[p + 'att.time_faaaa'] = r(*shape, scale=1.0) - 1, r(*shape)
-        elif version == 6:
+        elif version == '6':
             for name in ('x', 'w', 'k', 'v', 'r', 'g'):
                 state[p + f'att.time_maa_{name}'] = u(1, 1, C)
             state[p + 'ffn.time_maa_k'], state[p + 'ffn.time_maa_r'] = u(1, 1, C), u(1, 1, C)

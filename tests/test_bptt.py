@@ -156,6 +156,8 @@ def test_full_bptt_learns_a_recall_that_truncation_cannot(tmp_path):
             f'--out={tmp_path / "lr.json"}', cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     acc = json.loads((tmp_path / 'lr.json').read_text())['accuracy']
-    assert min(acc['full'].values()) >= 0.9, acc  # the key recalled across 2 and 4 segment boundaries
+    # the key recalled across 2 and 4 segment boundaries; chance is 0.125. The margins are wide (README's run: full
+    # 0.90-1.00, the others <= 0.34), so that no change of float summation order can flip the verdict
+    assert min(acc['full'].values()) >= 0.6, acc
     others = max(max(acc['truncated'].values()), max(acc['no state'].values()))
-    assert min(acc['full'].values()) - others >= 0.4, acc
+    assert min(acc['full'].values()) - others >= 0.25, acc

@@ -122,7 +122,7 @@ def test_pth_export_runs_in_rwkv_pip_package(tmp_path):
 
 
 def test_official_pth_loads_and_matches_rwkv_pip(tmp_path):
-    official_pth(4, tmp_path / 'RWKV-4-Pile-tiny.pth', C=12, V=V, dtype=torch.bfloat16)  # as the released files
+    official_pth('4', tmp_path / 'RWKV-4-Pile-tiny.pth', C=12, V=V, dtype=torch.bfloat16)  # as the released files
     ours = RWKV.from_pretrained(tmp_path / 'RWKV-4-Pile-tiny.pth', wkv_backend='torch').eval()
     assert (ours.config.n_layer, ours.config.n_embd, ours.config.dim_ffn, ours.config.vocab_size) == (3, 12, 40, V)
     # the oracle: the rwkv pip package (its own loader, its own RNN) on the same weights upcast to fp32 (given the bf16

@@ -13,7 +13,7 @@ import torch
 from helpers import args, loss_lines, official_pth, one_line_error, run, tiny_rwkv
 from model_rwkv import RWKV, RWKVConfig, MatrixState
 
-VERSIONS = [5, 5.1, 6, 7]
+VERSIONS = ['5', '5.1', '6', '7']
 
 
 def model(version, dtype=torch.float64, **kw):
@@ -92,8 +92,8 @@ def test_gradients_chunked_equal_the_recurrence(version, backend):
         assert (a - b).abs().max() <= 1e-8 * max(1.0, b.abs().max().item())
 
 
-@pytest.mark.parametrize('version,tol,strong', [(5, 1e-5, False), (5.1, 1e-5, False), (6, 1e-5, False),
-                                                (6, 1e-4, True), (7, 1e-5, False)])
+@pytest.mark.parametrize('version,tol,strong', [('5', 1e-5, False), ('5.1', 1e-5, False), ('6', 1e-5, False),
+                                                ('6', 1e-4, True), ('7', 1e-5, False)])
 def test_float32_against_float64(version, tol, strong):
     m64 = model(version)
     if strong:  # RWKV-6 decays down to exp(-exp(3)) = e^-20 per token
@@ -160,7 +160,7 @@ def test_rwkv_pip_package_agrees_both_ways(version, tmp_path):
     # our .pth comes back as the same model, and an official file's key set is what save_pth writes
     again = RWKV.from_pretrained(tmp_path / 'ours.pth', wkv_backend='torch')
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values())) or \
-        version == 5.1  # 5.1 goes through time_mix = 1 - time_maa and back
+        version == '5.1'  # 5.1 goes through time_mix = 1 - time_maa and back
     loaded.save_pth(tmp_path / 'again.pth')
     assert set(torch.load(tmp_path / 'again.pth')) == set(torch.load(tmp_path / 'official.pth'))
 
@@ -194,24 +194,24 @@ def test_init_is_rwkv_lm(version):
         r01, r10 = i / (L - 1), 1.0 - i / L
         ddd, a = ramp(C), f'blocks.{i}.att.'
         assert torch.allclose(sd[a + 'ln_x.weight'], torch.full((C,), ((1 + i) / L) ** 0.7))
-        if version in (5, 5.1, 6):
+        if version in ('5', '5.1', '6'):
             decay = torch.tensor([-6 + 5 * (n / (C - 1)) ** (0.7 + 1.3 * r01) for n in range(C)])
             faaaa = torch.tensor([r01 * (1 - n / (C - 1)) + ((n + 1) % 3 - 1) * 0.1 for n in range(C)])
             mix = {'k': ddd ** r10, 'v': ddd ** r10 + 0.3 * r01, 'r': ddd ** (0.5 * r10), 'g': ddd ** (0.5 * r10)}
-        if version == 5:
+        if version == '5':
             assert torch.allclose(sd[a + 'time_decay'], decay.view(H, N))
             assert torch.allclose(sd[a + 'time_faaaa'], faaaa.view(H, N))
             for k, want in mix.items():
                 assert torch.allclose(sd[a + f'time_mix_{k}'], want)
             assert torch.allclose(sd[f'blocks.{i}.ffn.time_mix_k'], ddd ** r10)
-        if version == 5.1:  # BlinkDL/nanoRWKV model.py RWKV_TimeMix_x051a
+        if version == '5.1':  # BlinkDL/nanoRWKV model.py RWKV_TimeMix_x051a
             assert torch.allclose(sd[a + 'time_decay'], torch.tensor(
                 [[-6 + 5 * (h / (H - 1)) ** (0.7 + 1.3 * r01)] for h in range(H)]))
             assert torch.allclose(sd[a + 'time_faaaa'], torch.tensor([[r01 * (1 - h / (H - 1))] for h in range(H)]))
             for k, want in mix.items():
                 assert torch.allclose(sd[a + f'time_maa_{k}'], 1 - want)
             assert torch.allclose(sd[f'blocks.{i}.ffn.time_maa_r'], 1 - ddd ** r10)
-        if version == 6:
+        if version == '6':
             assert torch.allclose(sd[a + 'time_decay'], decay.view(1, 1, C))
             assert torch.allclose(sd[a + 'time_faaaa'], faaaa.view(H, N))
             assert torch.allclose(sd[a + 'time_maa_x'], 1 - ddd ** r10)
@@ -221,7 +221,7 @@ def test_init_is_rwkv_lm(version):
             assert sd[a + 'time_maa_w2'].shape == (5, 32, C) and 0 < sd[a + 'time_maa_w2'].abs().max() <= 0.01
             assert sd[a + 'time_decay_w1'].shape == (C, 64) and not sd[a + 'time_decay_w1'].any()
             assert 0 < sd[a + 'time_decay_w2'].abs().max() <= 0.01
-        if version == 7:
+        if version == '7':
             for k, p in (('r', 0.2), ('w', 0.9), ('k', 0.7), ('v', 0.7), ('a', 0.9), ('g', 0.2)):
                 assert torch.allclose(sd[a + f'x_{k}'], 1.0 - ddd ** (p * r10))
             www, zig, lin = torch.zeros(C), torch.zeros(C), torch.zeros(C)
@@ -244,10 +244,10 @@ def test_init_is_rwkv_lm(version):
             assert torch.allclose(w2.T @ w2 if d > C else w2 @ w2.T, gain ** 2 * torch.eye(min(d, C)), atol=1e-5)
             assert torch.allclose(sd[f'blocks.{i}.ffn.x_k'], 1.0 - ddd ** (r10 ** 4))
         # generate_init_weight: zeros, orthogonal of gain 0.1 (key, gate) or 1, the head 0.5 sqrt(V / C)
-        for name in ('att.output', 'ffn.value') + (() if version == 7 else ('ffn.receptance',)):
+        for name in ('att.output', 'ffn.value') + (() if version == '7' else ('ffn.receptance',)):
             assert not sd[f'blocks.{i}.{name}.weight'].any()
         for name, gain in (('att.key', 0.1), ('att.receptance', 1.0), ('att.value', 1.0), ('ffn.key', 1.0)) + \
-                (() if version == 7 else (('att.gate', 0.1),)):
+                (() if version == '7' else (('att.gate', 0.1),)):
             w = sd[f'blocks.{i}.{name}.weight']
             small = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
             assert torch.allclose(small, gain ** 2 * torch.eye(min(w.shape)), atol=1e-5), name
@@ -266,11 +266,11 @@ def test_optimizer_groups_follow_rwkv_lm(version):
     assert decayed and all(n.endswith('.weight') and m.get_parameter(n).dim() == 2 for n in decayed)
     assert 'emb.weight' in decayed and not any('_w1' in n or 'time_' in n or 'ln' in n for n in decayed)
     doubled = groups[(2.0, 0.0)]
-    assert doubled == sorted(f'blocks.{i}.att.{"w0" if version == 7 else "time_decay"}' for i in range(3))
+    assert doubled == sorted(f'blocks.{i}.att.{"w0" if version == "7" else "time_decay"}' for i in range(3))
     assert sum(len(v) for v in groups.values()) == len(list(m.parameters()))
 
 
-@pytest.mark.parametrize('version', [5, 5.1, 6, 7])
+@pytest.mark.parametrize('version', VERSIONS)
 def test_flops_per_token_matches_flop_counter(version):
     """flops_per_token against torch's FlopCounterMode over a training forward and backward: with the compiled WKV
     kernel (a custom op the counter does not see, as it does not count the recurrence) every counted FLOP is a
@@ -279,7 +279,7 @@ def test_flops_per_token_matches_flop_counter(version):
     m = model(version, torch.float32, wkv_backend='cpu')
     B, T = 2, 16
     assert m.flops_per_token() * B * T == measured_train_flops(m, B, T)
-    if version == 7:  # and from the shapes: layer 0 has no value-residual LoRA (v1, v2)
+    if version == '7':  # and from the shapes: layer 0 has no value-residual LoRA (v1, v2)
         cfg = m.config
         C, F_, V, L = cfg.n_embd, cfg.dim_ffn, cfg.vocab_size, cfg.n_layer
         lora = sum(C * d * 2 for d in cfg.lora_dims)
@@ -298,9 +298,9 @@ def test_train_runs_and_resume_refuses_another_version(version, dataset, tmp_pat
     assert len(losses) == 7 and losses[6] < losses[0]
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
     assert ckpt['model_args']['version'] == version and ckpt['model_args']['head_size'] == 8
-    other = 4 if version != 4 else 7
+    other = '4' if version != '4' else '7'
     r = run('train.py', *args('rwkv', dataset, tmp_path, 8, f'--rwkv_version={other}', '--init_from=resume'))
-    one_line_error(r, 'train.py', f'was trained with rwkv_version={version}')
+    one_line_error(r, 'train.py', f'was trained with rwkv_version={version!r}')
 
 
 @pytest.mark.slow
