@@ -12,11 +12,13 @@ import shutil
 import sys
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import torch
 
 from configurator import ConfigError
+from files import WriteRecorder, fsync_dir
 
 # ---------------------------------------------------------------------------------------------------------------------
 # writing and finding checkpoints
@@ -24,18 +26,6 @@ from configurator import ConfigError
 
 def new_run_id():
     return uuid.uuid4().hex[:12]
-
-
-def fsync_dir(directory):
-    """Make renames in `directory` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_files(out_dir):
@@ -51,23 +41,6 @@ def run_id_of(path):
         return torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('run_id')
     except Exception:  # a damaged or foreign file belongs to no run of ours
         return None
-
-
-class WriteRecorder:
-    """A file's write() that keeps the OSError it raised (torch.save reports a failed write in its own words)."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self):
-        self.f.flush()
 
 
 def save_checkpoint(ckpt, out_dir, keep_last):
@@ -108,12 +81,27 @@ def save_checkpoint(ckpt, out_dir, keep_last):
         old.unlink()
 
 
+def damaged_record(path):
+    """The first record of a torch.save zip file whose bytes fail their CRC-32, or None. torch.load does not check
+    them: a flipped bit inside a tensor would load without a word."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except (zipfile.BadZipFile, OSError):  # not a zip at all (truncated, foreign): torch.load says what it is
+        return None
+
+
 def load_checkpoint(path, device):
-    """Load a checkpoint written by train.py; never unpickles code (weights_only=True)."""
+    """Load a checkpoint written by train.py, its every record checked against its CRC-32 first; never unpickles code
+    (weights_only=True)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no checkpoint at {path}; train one first, e.g. python train.py "
                           f"config/train_shakespeare_char.py")
+    bad = damaged_record(path)
+    if bad:
+        raise ConfigError(f"{path} is damaged: its record {bad} fails its checksum (a bad disk or an interrupted "
+                          f"copy); restore it, or move it away to resume from the checkpoint before it")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or foreign files; say which file and why

@@ -10,16 +10,15 @@ Every writer writes a temporary file and renames it: a failed write leaves the o
 train.py's own checkpoints are checkpoint.py's.
 """
 import json
-import os
 import re
 import struct
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from checkpoint import build_model
 from configurator import ConfigError
+from files import atomic_path, save_torch, write_text
 from model_gpt import GPT, GPTConfig
 from model_rwkv import RWKV, RWKVConfig
 from quantize import FILE_VERSION, ggml_blocks
@@ -29,24 +28,7 @@ GPT_HUB_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# shared: finding a model, reading a directory, writing a file whole or not at all
-
-@contextmanager
-def atomic_path(path):
-    """Yields a temporary path beside `path`; on success it is renamed to `path` (atomic), on any error removed."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path, text):
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
+# shared: finding a model, reading a directory (every writer writes through files.atomic_path)
 
 def save_safetensors(state, path):
     from safetensors.torch import save_file
@@ -227,9 +209,7 @@ def save_pth(model, path):
     """Write an official .pth (RWKV-LM's names and key set, fp32) that BlinkDL's code and the rwkv pip package
     load. Version 5.1 is written in the layout the rwkv pip package reads as v5.1 (time_mix = 1 - time_maa);
     RWKV-7's layer 0 carries the v0/v1/v2 that RWKV-LM creates there and never uses (at their init values)."""
-    state = to_rwkv_lm(plain_state_dict(model), model.config)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(to_rwkv_lm(plain_state_dict(model), model.config), path)
 
 
 def rwkv_from_pth(path, wkv_backend):

@@ -161,6 +161,24 @@ def test_disk_full_while_saving(dataset, tmp_path):
         assert loss == loss_lines(whole.stdout)[i]
 
 
+def test_export_disk_full_and_onto_the_checkpoint_link(dataset, tmp_path):
+    """export.py under a full disk: one line, the old export byte-identical, no temporary file; --dest=<out>/ckpt.pt
+    replaces the link, never the checkpoint it points at."""
+    out = tmp_path / 'out'
+    assert run('train.py', *args('rwkv', dataset, out, 2)).returncode == 0
+    dest = tmp_path / 'm.pth'
+    assert run('export.py', f'--out_dir={out}', '--format=pth', f'--dest={dest}').returncode == 0
+    before = dest.read_bytes()
+    r = subprocess.run([sys.executable, str(REPO / 'export.py'), f'--out_dir={out}', '--format=pth', f'--dest={dest}'],
+                       capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size(len(before) // 2))
+    one_line_error(r, 'export.py', f'could not write {dest} (File too large); pick a writable --dest')
+    assert dest.read_bytes() == before and not list(tmp_path.glob('.*.tmp'))
+    checkpoints = {f.name: f.read_bytes() for f in out.glob('ckpt-*.pt')}
+    r = run('export.py', f'--out_dir={out}', '--format=pth', f'--dest={out / "ckpt.pt"}')
+    assert r.returncode == 0, r.stderr
+    assert {f.name: f.read_bytes() for f in out.glob('ckpt-*.pt')} == checkpoints
+
+
 def test_training_data_changed_under_a_run(dataset, tmp_path):
     data = tmp_path / 'data'
     shutil.copytree(dataset, data)

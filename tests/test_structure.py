@@ -84,7 +84,9 @@ def test_model_files_import_torch_their_ops_and_shared_layers_only():
         assert at_top <= shared, f"{model} imports {sorted(at_top - shared)} at module level"
         when_called = {b for a, b in lazy if a == model}
         assert when_called <= {'interop', 'quantize'}, f"{model} imports {sorted(when_called)} in its methods"
-    # train.py's own checkpoints know nothing of other programs' files; quantize.py knows no model
+    # every model file is written one way (files.py); train.py's own checkpoints know nothing of other programs'
+    # files; quantize.py knows no model
+    assert {('checkpoint', 'files'), ('interop', 'files')} <= edges
     assert not {b for a, b in edges if a == 'checkpoint'} & {'interop', 'quantize'}
     assert not {b for a, b in edges if a == 'quantize'} & {'model_gpt', 'model_rwkv', 'checkpoint', 'interop'}
 
