@@ -21,7 +21,7 @@ from configurator import ConfigError
 from files import atomic_path, save_torch, write_text
 from model_gpt import GPT, GPTConfig
 from model_rwkv import RWKV, RWKVConfig
-from quantize import FILE_VERSION, ggml_blocks
+from quantize import FILE_VERSION, FORMATS, ggml_blocks
 
 RWKV_HUB_NAMES = tuple(f'RWKV/rwkv-4-{size}-pile' for size in ('169m', '430m', '1b5', '3b', '7b', '14b'))
 GPT_HUB_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
@@ -58,22 +58,88 @@ def load_hf_directory(directory):
     """(config dict, state dict) of a Hugging Face format directory: config.json and model.safetensors or
     pytorch_model.bin (sharded ones too). The weights are read without running any pickled code."""
     directory = Path(directory)
-    if not (directory / 'config.json').is_file():
-        raise ValueError(f"{directory} has no config.json: not a Hugging Face format model directory")
-    config = json.loads((directory / 'config.json').read_text())
+    missing = f"{directory} has no config.json: not a Hugging Face format model directory"
+    config = read_json(directory / 'config.json', missing)
     state = {}
     files = sorted(directory.glob('*.safetensors'))
     if files:
         from safetensors.torch import load_file
         for f in files:
-            state.update(load_file(f))
+            try:
+                state.update(load_file(f))
+            except Exception as e:  # safetensors' own error type, for a truncated or foreign file
+                raise ValueError(f"{f} is damaged or not a safetensors file ({str(e).splitlines()[0]})") from e
     else:
         files = sorted(directory.glob('pytorch_model*.bin'))
         for f in files:
-            state.update(torch.load(f, map_location='cpu', weights_only=True))
+            state.update(load_torch_tensors(f))
     if not files:
         raise ValueError(f"{directory} has no model.safetensors or pytorch_model.bin")
     return config, state
+
+
+def read_json(path, missing):
+    """A JSON file as a dict; `missing` is the error when there is no such file."""
+    if not Path(path).is_file():
+        raise ValueError(missing)
+    try:
+        value = json.loads(Path(path).read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
+def config_value(config, key, source):
+    """config[key] of a config.json, or an error naming the file and the key."""
+    if key not in config:
+        raise ValueError(f"{source}/config.json has no '{key}'")
+    return config[key]
+
+
+def load_torch_tensors(path):
+    """A dict of tensors from a torch.save file, read without running any pickled code (weights_only=True)."""
+    import pickle
+    try:
+        with open(path, 'rb') as f:  # a file object: torch.load would go by a .safetensors name otherwise
+            state = torch.load(f, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain containers
+        raise ValueError(f"{path} holds more than tensors (pickled code, which is never run here): not "
+                         f"loaded") from e
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{path} is not a readable torch file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
+    return state
+
+
+def file_kind(path):
+    """What a model file is, by its first bytes: 'quantized' (export.py's .safetensors) or 'torch' (a torch.save
+    file: an official .pth or a training checkpoint); anything else is an error that says what the file is."""
+    path = Path(path)
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < path.stat().st_size:
+        # safetensors: the length of a JSON header, then the header
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), 'pt') as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # safetensors' own error type
+            raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]})") from e
+        if meta.get('nanorwkv') == 'quantized':
+            return 'quantized'
+        raise ValueError(f"{path} is a .safetensors without nanoRWKV's quantized metadata: a Hugging Face model is "
+                         f"loaded from its directory (config.json beside the weights); give the directory")
+    if head[:4] == b'PK\x03\x04' or head[:1] == b'\x80':  # a torch.save zip, or the legacy pickle format
+        return 'torch'
+    if len(head) >= 4 and int.from_bytes(head[:4], 'little') == RWKVCPP_MAGIC:
+        raise ValueError(f"{path} is an rwkv.cpp model file (rwkv.cpp runs it); nanoRWKV loads the .pth or the "
+                         f"checkpoint it was exported from")
+    raise ValueError(f"{path} is not a model file nanoRWKV reads (expected an RWKV .pth, a quantized .safetensors "
+                     f"of export.py, or a Hugging Face directory)")
 
 
 def load_state_checked(model, state, source):
@@ -123,20 +189,24 @@ def plain_state_dict(model):
 
 def load_official_pth(path):
     """The tensors of a BlinkDL RWKV .pth, loaded without running pickled code; anything else is an error."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or corrupt files
-        raise ValueError(f"{path} is not a readable .pth checkpoint ({type(e).__name__})") from e
-    if not isinstance(state, dict) or 'emb.weight' not in state or 'blocks.0.ln1.weight' not in state:
+    state = load_torch_tensors(path)
+    if {'model', 'model_type', 'model_args'} <= set(state):
+        raise ValueError(f"{path} is a nanoRWKV training checkpoint: sample it with sample.py --out_dir=<its folder>, "
+                         f"continue it with train.py --init_from=resume, or export it with export.py")
+    if 'emb.weight' not in state or 'blocks.0.ln1.weight' not in state:
         raise ValueError(f"{path} is not an RWKV checkpoint (no emb.weight / blocks.0.ln1.weight)")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: {bad} is a {type(state[bad]).__name__}, not a tensor: not an RWKV checkpoint")
     return state
 
 
 def pth_version(state):
     """The RWKV-LM version of a .pth, told apart by its keys and shapes as the rwkv pip package does."""
-    if 'blocks.0.att.r_k' in state:
+    att = {k[len('blocks.0.att.'):] for k in state if k.startswith('blocks.0.att.')}
+    if att & {'r_k', 'w0', 'w1', 'a0', 'a1', 'k_k', 'k_a', 'x_r', 'x_w'}:  # RWKV_Tmix_x070's own names
         return '7'
-    if 'blocks.0.att.time_maa_x' in state:
+    if att & {'time_maa_x', 'time_maa_w', 'time_maa_w1', 'time_decay_w1'}:  # x060's
         return '6'
     if 'blocks.0.att.ln_x.weight' in state:
         if 'blocks.0.att.gate.weight' not in state:
@@ -153,11 +223,11 @@ def pth_config(state):
     V, C = state['emb.weight'].shape
     args = dict(version=version, vocab_size=V, n_embd=C, dim_ffn=state['blocks.0.ffn.key.weight'].shape[0],
                 n_layer=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')))
-    att = {k[len('blocks.0.att.'):]: v for k, v in state.items() if k.startswith('blocks.0.att.')}
+    att = Tensors({k[len('blocks.0.att.'):]: v for k, v in state.items() if k.startswith('blocks.0.att.')})
     if version == '7':
-        v1 = state.get('blocks.1.att.v1', att.get('v1'))
-        args.update(head_size=att['r_k'].shape[-1], lora_dims=(att['w1'].shape[1], att['a1'].shape[1],
-                                                                v1.shape[1], att['g1'].shape[1]))
+        head_size, d_decay, d_a = att['r_k'].shape[-1], att['w1'].shape[1], att['a1'].shape[1]
+        v1 = state['blocks.1.att.v1'] if 'blocks.1.att.v1' in state else att['v1']  # layer 0's is unused
+        args.update(head_size=head_size, lora_dims=(d_decay, d_a, v1.shape[1], att['g1'].shape[1]))
     elif version == '6':
         args.update(head_size=att['time_faaaa'].shape[-1],
                     lora_dims=(att['time_maa_w1'].shape[1] // 5, att['time_decay_w1'].shape[1]))
@@ -166,6 +236,13 @@ def pth_config(state):
     elif version == '5.1':
         args.update(head_size=C // att['time_decay'].shape[0])
     return args
+
+
+class Tensors(dict):
+    """Block 0's attention tensors by short name; a missing one is a KeyError of its full name."""
+
+    def __missing__(self, name):
+        raise KeyError(f'blocks.0.att.{name}')
 
 
 MIX_51 = re.compile(r'\.(att\.time_m(ix|aa)_[kvrg]|ffn\.time_m(ix|aa)_[kr])$')
@@ -218,7 +295,8 @@ def rwkv_from_pth(path, wkv_backend):
     try:
         config = RWKVConfig(wkv_backend=wkv_backend, **pth_config(state))
     except KeyError as e:
-        raise ValueError(f"{path} is an incomplete RWKV checkpoint: it has no {e.args[0]}") from e
+        raise ValueError(f"{path} is an incomplete RWKV-{pth_version(state)} checkpoint: it has no "
+                         f"{e.args[0]}") from e
     return config, from_rwkv_lm(state, config.version)
 
 
@@ -242,12 +320,12 @@ def rwkv_from_hf(directory, source, wkv_backend):
     hf, hf_state = load_hf_directory(directory)
     if hf.get('model_type') != 'rwkv':
         raise ValueError(f"{source} is a '{hf.get('model_type')}' model, not RWKV")
-    C = hf['hidden_size']
+    C = config_value(hf, 'hidden_size', directory)
     if hf.get('attention_hidden_size') not in (None, C):
         raise ValueError(f"{source}: attention_hidden_size != hidden_size is not supported")
-    config = RWKVConfig(block_size=hf.get('context_length', 1024), vocab_size=hf['vocab_size'],
-                        n_layer=hf['num_hidden_layers'], n_embd=C, dim_ffn=hf.get('intermediate_size') or 0,
-                        wkv_backend=wkv_backend)
+    config = RWKVConfig(block_size=hf.get('context_length', 1024), vocab_size=config_value(hf, 'vocab_size', directory),
+                        n_layer=config_value(hf, 'num_hidden_layers', directory), n_embd=C,
+                        dim_ffn=hf.get('intermediate_size') or 0, wkv_backend=wkv_backend)
     with torch.device('meta'):  # names only: no memory, no init
         hf_to_ours = {hf_name(n): n for n in RWKV(config).state_dict()}
     unknown = sorted(set(hf_state) - set(hf_to_ours))
@@ -280,10 +358,12 @@ def load_rwkv(name_or_path, wkv_backend='auto'):
     from the tensors), a local Hugging Face format directory, a hub name RWKV/rwkv-4-{169m,...,14b}-pile (downloaded
     once), or a quantized .safetensors of export.py (it comes back quantized)."""
     path = hub_or_local(name_or_path, RWKV_HUB_NAMES)
-    if is_quantized_file(path):
+    if path.is_dir():
+        config, state = rwkv_from_hf(path, name_or_path, wkv_backend)
+    elif file_kind(path) == 'quantized':
         return load_quantized(path, expect='rwkv')[0]
-    config, state = (rwkv_from_hf(path, name_or_path, wkv_backend) if path.is_dir() else
-                     rwkv_from_pth(path, wkv_backend))
+    else:
+        config, state = rwkv_from_pth(path, wkv_backend)
     model = empty_model(RWKV, config)
     own = model.state_dict()
     # the rwkv pip package squeezes size-1 dimensions: take (C,) for a (1, 1, C) parameter, nothing else
@@ -304,13 +384,16 @@ def load_gpt(name_or_path, dropout=0.0):
     """GPT-2 from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded once), a local Hugging Face format
     directory, or a quantized .safetensors of export.py (it comes back quantized)."""
     path = hub_or_local(name_or_path, GPT_HUB_NAMES)
-    if is_quantized_file(path):
-        return load_quantized(path, expect='gpt')[0]
+    if path.is_file():
+        if file_kind(path) == 'quantized':
+            return load_quantized(path, expect='gpt')[0]
+        raise ValueError(f"{path} is a torch file; GPT-2 is read from a Hugging Face directory or a hub name")
     hf, state = load_hf_directory(path)
     if hf.get('model_type') != 'gpt2':
         raise ValueError(f"{name_or_path} is a '{hf.get('model_type')}' model, not GPT-2")
-    config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
-                       n_head=hf['n_head'], n_embd=hf['n_embd'], dropout=dropout, bias=True)
+    config = GPTConfig(**{ours: config_value(hf, theirs, path) for ours, theirs in (
+        ('block_size', 'n_positions'), ('vocab_size', 'vocab_size'), ('n_layer', 'n_layer'), ('n_head', 'n_head'),
+        ('n_embd', 'n_embd'))}, dropout=dropout, bias=True)
     model = empty_model(GPT, config)
     model.transformer.wte.weight = model.lm_head.weight  # to_empty unties them
     state = {(k if k.startswith('lm_head') else k if k.startswith('transformer.') else 'transformer.' + k): v
@@ -392,8 +475,11 @@ def is_quantized_file(path):
     if not path.is_file() or path.suffix != '.safetensors':
         return False
     from safetensors import safe_open
-    with safe_open(str(path), 'pt') as f:
-        return (f.metadata() or {}).get('nanorwkv') == 'quantized'
+    try:
+        with safe_open(str(path), 'pt') as f:
+            return (f.metadata() or {}).get('nanorwkv') == 'quantized'
+    except Exception:  # safetensors' own error type: a damaged or foreign file holds no quantized model
+        return False
 
 
 def load_quantized(path, expect=None):
@@ -407,21 +493,37 @@ def load_quantized(path, expect=None):
     if int(meta.get('version', 0)) > FILE_VERSION:
         raise ValueError(f"{path} is version {meta['version']} of the quantized layout; this code reads up to "
                          f"{FILE_VERSION}: update nanoRWKV")
+    missing = [k for k in ('model_type', 'quantization', 'head', 'model_args', 'tokenizer') if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: its metadata has no {', '.join(missing)}; export the model again with export.py")
     model_type, fmt, head = meta['model_type'], meta['quantization'], meta['head'] == 'quantized'
+    try:
+        model_args, tokenizer = json.loads(meta['model_args']), json.loads(meta['tokenizer'])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its metadata is not valid JSON ({e}); export the model again with export.py") from e
+    if model_type not in ('gpt', 'rwkv') or fmt not in FORMATS:
+        raise ValueError(f"{path}: its metadata names model_type {model_type!r} and quantization {fmt!r}; export "
+                         f"the model again with export.py")
     if expect and model_type != expect:
         raise ValueError(f"{path} holds a quantized {model_type}, not {'an RWKV' if expect == 'rwkv' else 'a GPT'}")
     with torch.device('meta'):
-        model = build_model(model_type, json.loads(meta['model_args']))
+        try:
+            model = build_model(model_type, model_args)
+        except (ConfigError, TypeError) as e:  # a key or value no config of this version takes
+            raise ValueError(f"{path}: its model config does not build ({str(e).splitlines()[0]})") from e
     model.to_empty(device='cpu')
     model.quantize_(fmt, head=head)  # the structure; the values come from the file
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors' own error type
+        raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]})") from e
     if model_type == 'gpt' and 'transformer.wte.weight' not in state:
         state['transformer.wte.weight'] = state['lm_head.weight']
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not match its own model config: missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}")
-    return model.eval(), model_type, json.loads(meta['tokenizer'])
+    return model.eval(), model_type, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -492,7 +594,7 @@ def load_pretrained(init_from, wkv_backend='auto', for_training=False):
             return model, 'rwkv', {'tokenizer': 'world' if model.config.vocab_size == 65536 else 'neox'}
         if path.is_dir():
             config = path / 'config.json'
-            model_type = json.loads(config.read_text()).get('model_type') if config.is_file() else None
+            model_type = read_json(config, '').get('model_type') if config.is_file() else None
             if model_type not in ('rwkv', 'gpt2'):
                 raise ConfigError(f"{path} is not a Hugging Face RWKV or GPT-2 directory (config.json model_type: "
                                   f"{model_type})")

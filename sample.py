@@ -74,7 +74,11 @@ def main(argv):
         path = Path(start[len('FILE:'):])
         if not path.is_file():
             raise ConfigError(f"prompt file {path} not found")
-        start = path.read_text(encoding='utf-8')
+        try:
+            start = path.read_text(encoding='utf-8')
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                              f"UTF-8") from e
     try:
         ids = encode(start)
     except ValueError as e:
@@ -100,8 +104,12 @@ def main(argv):
                 if not text.endswith('\ufffd'):  # wait for the rest of a split UTF-8 character
                     print(text[len(shown):], end='', flush=True)
                     shown = text
-            model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=top_k, top_p=cfg.top_p,
-                           on_token=on_token, stop_token=eot if cfg.stop_at_eot else None, **kwargs)
+            try:
+                model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=top_k, top_p=cfg.top_p,
+                               on_token=on_token, stop_token=eot if cfg.stop_at_eot else None, **kwargs)
+            except ValueError as e:  # the model's logits are not finite
+                print(flush=True)
+                raise ConfigError(f"{cfg.init_from if cfg.init_from != 'resume' else cfg.out_dir}: {e}") from e
             print(decode(out)[len(shown):])
             print('---------------')
 

@@ -9,10 +9,18 @@ from torch.nn import functional as F
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
     """Pick the next token from logits (B, V): greedy when temperature == 0, else sample from
     softmax(logits / temperature) restricted to the top_k most likely tokens and to the smallest set of tokens whose
-    probability adds up to top_p (nucleus sampling, Holtzman et al. 2019). Returns (B, 1)."""
+    probability adds up to top_p (nucleus sampling, Holtzman et al. 2019). A temperature so small that the scaled
+    logits overflow is greedy (its limit). Returns (B, 1). Non-finite logits (a model that overflowed) are an error:
+    no token can be read from them."""
+    if not torch.isfinite(logits).all():
+        raise ValueError("the model's logits are not finite (NaN or inf): its weights or activations overflowed; "
+                         "check the checkpoint (or run in float32 instead of float16)")
     if temperature == 0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if not torch.isfinite(scaled).all():
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = scaled
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float('inf')

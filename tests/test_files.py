@@ -2,6 +2,7 @@
 and into a missing folder (file writers) leaves the old file byte-identical and no temporary file; an export onto a hard link of a
 checkpoint does not write through it; a checkpoint with a flipped byte is refused by its CRCs and the one before it
 used."""
+import json
 import resource
 import signal
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ import torch
 import interop
 from checkpoint import load_checkpoint, load_latest_checkpoint, new_run_id, save_checkpoint
 from configurator import ConfigError
-from helpers import tiny_gpt, tiny_rwkv
+from helpers import official_pth, tiny_gpt, tiny_rwkv
 
 
 @contextmanager
@@ -104,3 +105,128 @@ def test_a_damaged_checkpoint_is_refused_and_the_one_before_used(tmp_path, capsy
     ckpt, path = load_latest_checkpoint(tmp_path, 'cpu')
     assert path.name == 'ckpt-00000001.pt' and ckpt['iter_num'] == 1
     assert f'skipping {newest}' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# every malformed model file given to the loader (sample.py / train.py --init_from, from_pretrained): one line
+
+def hf_rwkv(path, edit_config=None, weights=None):
+    interop.save_pretrained(tiny_rwkv(torch.float32), path)
+    if edit_config:
+        config = json.loads((path / 'config.json').read_text())
+        edit_config(config)
+        (path / 'config.json').write_text(json.dumps(config))
+    if weights is not None:
+        weights(path)
+    return path
+
+
+def truncate(f, keep=0.5):
+    f.write_bytes(f.read_bytes()[:int(f.stat().st_size * keep)])
+
+
+class Pickled:
+    """What a malicious pickle would build: weights_only loading refuses the class."""
+
+    def __reduce__(self):
+        return (print, ('this would have run',))
+
+
+def pth_without(version, key, tmp_path):
+    official_pth(version, tmp_path / 'full.pth')
+    state = torch.load(tmp_path / 'full.pth')
+    if isinstance(key, tuple):  # (key, replacement)
+        state[key[0]] = key[1]
+    else:
+        del state[key]
+    torch.save(state, tmp_path / 'bad.pth')
+    return tmp_path / 'bad.pth'
+
+
+def quantized_with(meta_edit, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    interop.save_quantized(tiny_rwkv(torch.float32, n_embd=32).quantize_('int8'), tmp_path / 'q.safetensors', 'rwkv')
+    with safe_open(str(tmp_path / 'q.safetensors'), 'pt') as f:
+        meta = f.metadata()
+    meta_edit(meta)
+    save_file(load_file(tmp_path / 'q.safetensors'), str(tmp_path / 'bad.safetensors'), metadata=meta)
+    return tmp_path / 'bad.safetensors'
+
+
+def write(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    return tmp_path / name
+
+
+BAD_FILES = {
+    'random bytes': (lambda p: write(p, 'x.safetensors', bytes(range(256)) * 8), 'is not a model file nanoRWKV reads'),
+    'a truncated safetensors': (lambda p: (quantized_with(lambda m: None, p), truncate(p / 'bad.safetensors'))[0],
+                                'is damaged'),
+    'a plain safetensors': (lambda p: hf_rwkv(p / 'hf') / 'model.safetensors', 'give the directory'),
+    'a truncated pth': (lambda p: (official_pth('4', p / 'm.pth'), truncate(p / 'm.pth'), p / 'm.pth')[2],
+                        'is not a readable torch file'),
+    'an rwkv.cpp file': (lambda p: (interop.save_rwkvcpp(tiny_rwkv(torch.float32, n_embd=32), p / 'm.bin'),
+                                    p / 'm.bin')[1], 'is an rwkv.cpp model file'),
+    'a training checkpoint': (lambda p: (save_checkpoint({'model': {}, 'model_type': 'rwkv', 'model_args': {},
+                                                          'iter_num': 1, 'run_id': 'x'}, p, 1), p / 'ckpt.pt')[1],
+                              'is a nanoRWKV training checkpoint'),
+    'a pth missing a tensor': (lambda p: pth_without('4', 'blocks.1.att.key.weight', p),
+                               "missing ['blocks.1.att.key.weight']"),
+    'an RWKV-7 pth missing r_k': (lambda p: pth_without('7', 'blocks.0.att.r_k', p),
+                                  'incomplete RWKV-7 checkpoint: it has no blocks.0.att.r_k'),
+    'an RWKV-7 pth missing v1': (lambda p: pth_without('7', ('blocks.1.att.v1', 3), p),
+                                 'blocks.1.att.v1 is a int, not a tensor'),
+    'a pth with code': (lambda p: (torch.save({'emb.weight': Pickled()}, p / 'm.pth'), p / 'm.pth')[1],
+                        'holds more than tensors'),
+    'config.json not JSON': (lambda p: hf_rwkv(p / 'hf', weights=lambda d: (d / 'config.json').write_text('{"a": ')),
+                             'config.json is not valid JSON'),
+    'config.json without hidden_size': (lambda p: hf_rwkv(p / 'hf', lambda c: c.pop('hidden_size')),
+                                        "config.json has no 'hidden_size'"),
+    'truncated HF weights': (lambda p: hf_rwkv(p / 'hf', weights=lambda d: truncate(d / 'model.safetensors')),
+                             'model.safetensors is damaged'),
+    'HF weights with code': (lambda p: hf_rwkv(p / 'hf', weights=lambda d: (
+        (d / 'model.safetensors').unlink(), torch.save({'x': Pickled()}, d / 'pytorch_model.bin'))),
+        'pytorch_model.bin holds more than tensors'),
+    'quantized metadata without a key': (lambda p: quantized_with(lambda m: m.pop('model_args'), p),
+                                         'its metadata has no model_args'),
+    'quantized metadata not JSON': (lambda p: quantized_with(lambda m: m.update(model_args='{'), p),
+                                    'its metadata is not valid JSON'),
+    'quantized metadata with an unknown config key': (
+        lambda p: quantized_with(lambda m: m.update(model_args=json.dumps({**json.loads(m['model_args']),
+                                                                           'n_fingers': 5})), p),
+        'its model config does not build'),
+}
+
+
+@pytest.mark.parametrize('case', BAD_FILES)
+def test_every_malformed_model_file_is_one_line(case, tmp_path, capsys):
+    make, fragment = BAD_FILES[case]
+    path = make(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        interop.load_pretrained(str(path))
+    assert fragment in str(e.value) and '\n' not in str(e.value), str(e.value)
+    assert 'this would have run' not in capsys.readouterr().out  # no code from a model file ever runs
+
+
+def test_non_finite_logits_stop_generation_and_a_tiny_temperature_is_greedy():
+    from sampling import sample_logits
+    logits = torch.randn(2, 37, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_logits(logits, temperature=1e-45), logits.argmax(-1, keepdim=True))
+    model = tiny_rwkv(torch.float32)
+    with torch.no_grad():
+        model.head.weight.fill_(float('nan'))
+    for temperature in (0.0, 0.8):
+        with pytest.raises(ValueError, match='logits are not finite'):
+            model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=temperature)
+
+
+def test_files_are_told_apart_by_content_not_name(tmp_path):
+    """export.py --format=int8 --dest=x.pth writes a quantized safetensors under a .pth name: it loads as what it is."""
+    model = tiny_rwkv(torch.float32, n_embd=32).quantize_('int8')
+    interop.save_quantized(model, tmp_path / 'x.pth', 'rwkv')
+    loaded, kind, _ = interop.load_pretrained(str(tmp_path / 'x.pth'))
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    assert kind == 'rwkv' and torch.equal(loaded.prefill(idx)[0], model.prefill(idx)[0])
+    interop.save_pth(tiny_rwkv(torch.float32), tmp_path / 'y.safetensors')  # and an official .pth under that name
+    assert interop.load_pretrained(str(tmp_path / 'y.safetensors'))[1] == 'rwkv'

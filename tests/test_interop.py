@@ -161,10 +161,10 @@ def test_rescale_for_fp16_is_the_same_function():
 @pytest.mark.parametrize('content,fragment', [
     ({'emb.weight': torch.zeros(3, 4)}, 'not an RWKV checkpoint'),
     ({'emb.weight': torch.zeros(3, 4), 'blocks.0.ln1.weight': torch.zeros(4)},
-     'incomplete RWKV checkpoint: it has no blocks.0.ffn.key.weight'),
+     'incomplete RWKV-4 checkpoint: it has no blocks.0.ffn.key.weight'),
     ({'emb.weight': torch.zeros(3, 4), 'blocks.0.ln1.weight': torch.zeros(4),
       'blocks.0.ffn.key.weight': torch.zeros(8, 4), 'blocks.0.att.r_k': torch.zeros(2, 2)},
-     'incomplete RWKV checkpoint: it has no w1'),  # an RWKV-7 key without the rest
+     'incomplete RWKV-7 checkpoint: it has no blocks.0.att.w1'),  # an RWKV-7 key without the rest
 ])
 def test_foreign_pth_is_a_clear_error(tmp_path, content, fragment):
     torch.save(content, tmp_path / 'x.pth')
@@ -178,7 +178,7 @@ def test_unknown_names_and_missing_paths(tmp_path):
     with pytest.raises(ValueError, match='neither a local path nor a known model'):
         GPT.from_pretrained(str(tmp_path / 'nope'))
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(ValueError, match='not a readable .pth'):
+    with pytest.raises(ValueError, match='is not a model file nanoRWKV reads'):
         RWKV.from_pretrained(tmp_path / 'junk.pth')
     hf_gpt2().save_pretrained(tmp_path / 'gpt')
     with pytest.raises(ValueError, match="is a 'gpt2' model, not RWKV"):

@@ -92,6 +92,18 @@ def test_sample_bad_inputs(trained, tmp_path):
     one_line_error(run('sample.py', f'--out_dir={out}', '--start=FILE:nope.txt'), 'sample.py', 'not found')
     (tmp_path / 'ckpt.pt').write_bytes(b'this is not a checkpoint')
     one_line_error(run('sample.py', f'--out_dir={tmp_path}'), 'sample.py', 'not a readable nanoRWKV checkpoint')
+    (tmp_path / 'latin1.txt').write_bytes('café'.encode('latin-1'))
+    one_line_error(run('sample.py', f'--out_dir={out}', f'--start=FILE:{tmp_path / "latin1.txt"}'), 'sample.py',
+                   'is not UTF-8 text (byte 3: unexpected end of data); save it as UTF-8')
+    # a model whose weights overflowed: no token can be read from its logits, greedy or sampled
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    ckpt['model'] = {k: torch.full_like(v, float('nan')) if k.endswith(('head.weight', 'lm_head.weight')) else v
+                     for k, v in ckpt['model'].items()}
+    (tmp_path / 'nan').mkdir()
+    torch.save(ckpt, tmp_path / 'nan' / 'ckpt.pt')
+    for temperature in ('0', '0.8'):
+        one_line_error(run('sample.py', f'--out_dir={tmp_path / "nan"}', f'--temperature={temperature}'),
+                       'sample.py', "the model's logits are not finite")
 
 
 def test_train_errors_are_one_line(tmp_path):
