@@ -1,7 +1,7 @@
 """Files written whole or not at all, and damaged files found: every export writer under a full disk (RLIMIT_FSIZE)
-and into a missing folder (file writers) leaves the old file byte-identical and no temporary file; an export onto a hard link of a
-checkpoint does not write through it; a checkpoint with a flipped byte is refused by its CRCs and the one before it
-used."""
+and into a missing folder (file writers) leaves the old file byte-identical and no temporary file; an export onto a
+hard link of a checkpoint does not write through it; a checkpoint with a flipped byte is refused by its CRCs and the
+one before it used; every malformed model file given to the loader is one line, told apart by content."""
 import json
 import resource
 import signal
