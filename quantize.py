@@ -158,6 +158,10 @@ def quantize_model(model, fmt, head, head_name):
     head = DEFAULT_HEAD if head is None else head
     names = [name for name, mod in model.named_modules()
              if isinstance(mod, nn.Linear) and mod.in_features % QK == 0 and (name != head_name or head)]
+    if not names:
+        widths = sorted({mod.in_features for mod in model.modules() if isinstance(mod, nn.Linear)})
+        raise ValueError(f"no matrix of this model can be quantized to {fmt}: their input widths {widths} are not "
+                         f"multiples of {QK}; train with an n_embd (and dim_ffn) that is")
     for name in names:
         parent_name, _, child = name.rpartition('.')
         parent, lin = model.get_submodule(parent_name), model.get_submodule(name)

@@ -156,6 +156,41 @@ def prepare_data(cfg, master):
     return ddir
 
 
+def read_meta(ddir):
+    """The dataset's meta.json (None where there is none: GPT-2 BPE), checked: a JSON object with a tokenizer and a
+    positive int vocab_size, and for a char vocabulary an itos list of exactly vocab_size entries."""
+    path = ddir / 'meta.json'
+    if not path.is_file():
+        return None
+    again = "prepare the dataset again (its prepare.py writes meta.json)"
+    try:
+        meta = json.loads(path.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); {again}") from e
+    if not isinstance(meta, dict) or 'tokenizer' not in meta:
+        raise ConfigError(f"{path} names no tokenizer; {again}")
+    size = meta.get('vocab_size')
+    if type(size) is not int or size < 1:
+        raise ConfigError(f"{path} has no vocab_size (a positive int; it has {size!r}); {again}")
+    if meta['tokenizer'] == 'char':
+        itos = meta.get('itos')
+        if not isinstance(itos, list) or len(itos) != size or not all(isinstance(c, str) for c in itos):
+            n = len(itos) if isinstance(itos, list) else 'no'
+            raise ConfigError(f"{path}: vocab_size={size} but its character list (itos) has {n} entries; {again}")
+    return meta
+
+
+def ignored_options(cfg, given):
+    """The options this run sets that its model does not read: the other kind's ('gpt only' / 'rwkv only' in their
+    help), an RWKV-4's head_size, and the attention options of an rwkv without attention layers."""
+    other = 'rwkv' if cfg.model_type == 'gpt' else 'gpt'
+    ignored = [k for k in sorted(given) if OPTIONS[k].help.startswith((f'{other} only', f'{other} 5-7'))]
+    if cfg.model_type == 'rwkv':
+        ignored += ['head_size'] if cfg.rwkv_version == '4' and 'head_size' in given else []
+        ignored += [k for k in ('attn_window', 'attn_kv_heads') if k in given and not cfg.attn_layers]
+    return ignored
+
+
 def new_model_args(cfg, vocab_size):
     """The config of a model trained from scratch."""
     options = dict(dropout=cfg.dropout, attn_window=cfg.attn_window, attn_kv_heads=cfg.attn_kv_heads,
@@ -323,13 +358,15 @@ def main(argv):
     if cfg.init_from in ('scratch', 'auto'):
         model_config(cfg.model_type, new_model_args(cfg, vocab_size=1))  # the model's own checks, before any work
     master = int(os.environ.get('RANK', 0)) == 0
+    if master and ignored_options(cfg, given):  # harmless (a config shared by both kinds): named once
+        print(f"note: this {cfg.model_type} run does not read {', '.join(ignored_options(cfg, given))}")
     init = claim_out_dir(cfg.out_dir, cfg.init_from, cfg.overwrite, cfg.eval_only, master)
     rank, local_rank, world_size = start_distributed(device_type)
     if world_size > 1 and device_type == 'cuda':
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     ddir = prepare_data(cfg, master)
-    meta = (json.loads((ddir / 'meta.json').read_text()) if (ddir / 'meta.json').is_file() else None)
+    meta = read_meta(ddir)
     tokenizer = meta if meta else {'tokenizer': 'gpt2'}  # what sample.py will decode with
     grad_accum = cfg.gradient_accumulation_steps // world_size
     if device_type == 'cuda':

@@ -3,6 +3,7 @@ and into a missing folder (file writers) leaves the old file byte-identical and 
 hard link of a checkpoint does not write through it; a checkpoint with a flipped byte is refused by its CRCs and the
 one before it used; every malformed model file given to the loader is one line, told apart by content."""
 import json
+import re
 import resource
 import signal
 from contextlib import contextmanager
@@ -230,3 +231,40 @@ def test_files_are_told_apart_by_content_not_name(tmp_path):
     assert kind == 'rwkv' and torch.equal(loaded.prefill(idx)[0], model.prefill(idx)[0])
     interop.save_pth(tiny_rwkv(torch.float32), tmp_path / 'y.safetensors')  # and an official .pth under that name
     assert interop.load_pretrained(str(tmp_path / 'y.safetensors'))[1] == 'rwkv'
+
+
+@pytest.mark.parametrize('text,fragment', [
+    ('{"tokenizer": "char", "vocab_size": 65, ', 'is not valid JSON'),
+    ('{"vocab_size": 65}', 'names no tokenizer'),
+    ('{"tokenizer": "char", "itos": ["a", "b"]}', 'has no vocab_size (a positive int; it has None)'),
+    ('{"tokenizer": "char", "vocab_size": 1000, "itos": ["a", "b"]}',
+     'vocab_size=1000 but its character list (itos) has 2 entries'),
+    ('{"tokenizer": "gpt2", "vocab_size": "50257"}', "has no vocab_size (a positive int; it has '50257')"),
+])
+def test_a_malformed_meta_json_is_one_line(text, fragment, tmp_path):
+    from train import read_meta
+    (tmp_path / 'meta.json').write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        read_meta(tmp_path)
+    (tmp_path / 'meta.json').write_text('{"tokenizer": "char", "vocab_size": 2, "itos": ["a", "b"]}')
+    assert read_meta(tmp_path)['itos'] == ['a', 'b']
+
+
+def test_options_a_model_does_not_read_are_named():
+    from types import SimpleNamespace
+
+    from train import ignored_options
+    gpt = SimpleNamespace(model_type='gpt', rwkv_version='4', attn_layers=[])
+    assert ignored_options(gpt, {'rwkv_version', 'wkv_backend', 'bias', 'n_layer', 'attn_window'}) == \
+        ['rwkv_version', 'wkv_backend']
+    rwkv4 = SimpleNamespace(model_type='rwkv', rwkv_version='4', attn_layers=[])
+    assert ignored_options(rwkv4, {'bias', 'head_size', 'attn_kv_heads', 'n_layer'}) == \
+        ['bias', 'head_size', 'attn_kv_heads']
+    hybrid7 = SimpleNamespace(model_type='rwkv', rwkv_version='7', attn_layers=[1])
+    assert ignored_options(hybrid7, {'head_size', 'attn_kv_heads'}) == []
+
+
+def test_quantizing_a_model_without_a_quantizable_matrix_is_refused():
+    with pytest.raises(ValueError, match=r'no matrix of this model can be quantized to int8: their input widths '
+                                         r'\[12, 48\] are not multiples of 32'):
+        tiny_rwkv(torch.float32).quantize_('int8')

@@ -167,7 +167,7 @@ def test_quantized_model_refuses_training():
     with pytest.raises(ValueError, match='export the float model'):
         model.save_pth('never-written.pth')
     with pytest.raises(ValueError, match='export the float model'):
-        tiny_gpt().quantize_('int8').save_pretrained('never-written')
+        tiny_gpt(n_embd=32).quantize_('int8').save_pretrained('never-written')
 
 
 @pytest.mark.slow
