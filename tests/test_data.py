@@ -42,6 +42,20 @@ def test_openwebtext_prepare_bad_inputs(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / 'data/openwebtext/prepare.py'), '--tokenizer=bpe2000'],
                        capture_output=True, text=True, timeout=300)
     one_line_error(r, 'prepare.py', "tokenizer must be 'gpt2', 'neox'")
+    pytest.importorskip('datasets')
+    word_tokenizer(tmp_path / 'tok.json', ['alpha', 'beta'])
+    sources = {'empty.jsonl': ('', 'is empty: it needs documents'),
+               'one.jsonl': ('{"text": "alpha"}\n', 'gave 0 train and 2 val tokens'),
+               'body.jsonl': ('{"body": "alpha"}\n{"body": "beta"}\n', "a document has no 'text' field"),
+               'broken.jsonl': ('{"text": "alpha"}\n{"text": \n', 'could not read')}
+    for name, (text, fragment) in sources.items():
+        (tmp_path / name).write_text(text)
+        out = tmp_path / f'out-{name}'
+        r = subprocess.run([sys.executable, str(REPO / 'data/openwebtext/prepare.py'), f'--source={tmp_path / name}',
+                            f'--tokenizer={tmp_path / "tok.json"}', f'--out_dir={out}', '--num_proc=1'],
+                           capture_output=True, text=True, timeout=600)
+        one_line_error(r, 'prepare.py', fragment)
+        assert not list(out.glob('*.bin*')), name  # no .bin, no .partial
 
 
 def test_tinystories_prepare_uses_both_hub_splits(tmp_path, monkeypatch):

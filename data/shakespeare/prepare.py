@@ -16,6 +16,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: configurator, tokenizer, data
 from configurator import ConfigError, Option, parse_config, run_script  # noqa: E402
 from data.common import fetch_shakespeare, write_split  # noqa: E402
+from files import write_text  # noqa: E402
 from tokenizer import get_codec, spec_for, vocab_size  # noqa: E402
 
 OPTIONS = dict(
@@ -47,7 +48,7 @@ def main(argv):
     for split, v in ids.items():
         write_split(v, out_dir, split)
     meta = {**spec, 'vocab_size': vocab_size(spec), 'train_tokens': len(ids['train']), 'val_tokens': len(ids['val'])}
-    (out_dir / 'meta.json').write_text(json.dumps(meta, indent=1))
+    write_text(out_dir / 'meta.json', json.dumps(meta, indent=1))
     print(f"{out_dir}: train {len(ids['train']):,} tokens, val {len(ids['val']):,} tokens ({cfg.tokenizer})")
 
 

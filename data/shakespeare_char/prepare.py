@@ -17,6 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: configurator, tokenizer, data
 from configurator import Option, parse_config, run_script  # noqa: E402
 from data.common import fetch_shakespeare, write_split  # noqa: E402
+from files import write_text  # noqa: E402
 
 OPTIONS = dict(
     out_dir=Option('', "'' = next to this file"),
@@ -36,7 +37,7 @@ def main(argv):
     write_split(ids[:n], out_dir, 'train')
     write_split(ids[n:], out_dir, 'val')
     meta = {'tokenizer': 'char', 'vocab_size': len(chars), 'itos': chars}
-    (out_dir / 'meta.json').write_text(json.dumps(meta, ensure_ascii=False))
+    write_text(out_dir / 'meta.json', json.dumps(meta, ensure_ascii=False))
     print(f"{len(text):,} characters, vocab size {len(chars)}: train {n:,} tokens, val {len(ids) - n:,} tokens")
 
 
