@@ -5,7 +5,8 @@ $ python export.py --out_dir=out-shakespeare-char --format=hf --dest=rwkv-shakes
 $ python export.py --out_dir=out-shakespeare-char --format=pth --dest=rwkv-shakespeare.pth   # RWKV-LM / rwkv pip
 
 format 'hf': config.json + model.safetensors, loaded by transformers as RwkvForCausalLM or GPT2LMHeadModel.
-format 'pth': RWKV only, the official .pth of BlinkDL's RWKV-LM (any version), which the rwkv pip package runs.
+format 'pth': RWKV only, the official .pth of BlinkDL's RWKV-LM (any version), which the rwkv pip package runs, and
+  its tokenizer beside it in <dest minus .pth>.tokenizer.json (sample.py --init_from=<.pth> reads it).
 formats 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4': the model quantized for CPU inference (quantize.py), one .safetensors
   that sample.py --init_from=<file> and RWKV/GPT.from_pretrained load without the checkpoint;
   --head=True/False overrides the format's default for the output head.
@@ -46,7 +47,7 @@ def main(argv):
                           f"quantized format")
     try:
         if cfg.format == 'pth':
-            interop.save_pth(model, dest)
+            interop.save_pth(model, dest, ckpt.get('tokenizer', {'tokenizer': 'gpt2'}))
         elif cfg.format == 'rwkvcpp':
             interop.save_rwkvcpp(model, dest, cfg.rwkvcpp_type)
         elif cfg.format != 'hf':

@@ -282,11 +282,36 @@ def to_rwkv_lm(state, config):
     return out
 
 
-def save_pth(model, path):
+def save_pth(model, path, tokenizer=None):
     """Write an official .pth (RWKV-LM's names and key set, fp32) that BlinkDL's code and the rwkv pip package
     load. Version 5.1 is written in the layout the rwkv pip package reads as v5.1 (time_mix = 1 - time_maa);
-    RWKV-7's layer 0 carries the v0/v1/v2 that RWKV-LM creates there and never uses (at their init values)."""
+    RWKV-7's layer 0 carries the v0/v1/v2 that RWKV-LM creates there and never uses (at their init values).
+    A tokenizer spec (a char vocabulary, say) goes beside it in <name>.tokenizer.json, where load_pretrained finds it:
+    a .pth itself holds only tensors."""
     save_torch(to_rwkv_lm(plain_state_dict(model), model.config), path)
+    if tokenizer is not None:
+        write_text(tokenizer_sidecar(path), json.dumps(tokenizer))
+
+
+def tokenizer_sidecar(path):
+    """Where the tokenizer of a .pth is kept: x.pth -> x.tokenizer.json."""
+    return Path(path).with_suffix('.tokenizer.json')
+
+
+def pth_tokenizer(path, vocab_size):
+    """The tokenizer of an RWKV-LM .pth: its sidecar (save_pth), else what its vocabulary says (65536: the World
+    tokenizer, 50277 or more: GPT-NeoX's, as the Pile models); any other vocabulary is an error that names the
+    sidecar it needs."""
+    sidecar = tokenizer_sidecar(path)
+    if sidecar.is_file():
+        return read_json(sidecar, '')
+    if vocab_size == 65536:
+        return {'tokenizer': 'world'}
+    if vocab_size >= 50277:
+        return {'tokenizer': 'neox'}
+    raise ValueError(f"{path} has a vocabulary of {vocab_size} tokens, which neither the World nor the GPT-NeoX "
+                     f"tokenizer fits: put its tokenizer beside it as {sidecar.name} (export.py --format=pth writes "
+                     f"it)")
 
 
 def rwkv_from_pth(path, wkv_backend):
@@ -589,9 +614,9 @@ def load_pretrained(init_from, wkv_backend='auto', for_training=False):
             return load_gpt(init_from), 'gpt', {'tokenizer': 'gpt2'}
         if init_from in RWKV_HUB_NAMES:
             return load_rwkv(init_from, wkv_backend), 'rwkv', {'tokenizer': 'neox'}
-        if path.is_file():  # an official .pth: a Pile model (GPT-NeoX tokenizer) or a World model (vocab 65536)
+        if path.is_file():  # an official .pth: its tokenizer beside it, or a World or Pile model's
             model = load_rwkv(path, wkv_backend)
-            return model, 'rwkv', {'tokenizer': 'world' if model.config.vocab_size == 65536 else 'neox'}
+            return model, 'rwkv', pth_tokenizer(path, model.config.vocab_size)
         if path.is_dir():
             config = path / 'config.json'
             model_type = read_json(config, '').get('model_type') if config.is_file() else None
@@ -604,5 +629,7 @@ def load_pretrained(init_from, wkv_backend='auto', for_training=False):
             return load_gpt(path), 'gpt', spec
     except ValueError as e:  # the readers' errors are one line already
         raise ConfigError(str(e)) from e
+    if path.suffix or len(path.parts) > 1:  # meant as a file or folder
+        raise ConfigError(f"init_from={init_from}: no such file or folder")
     raise ConfigError(f"init_from={init_from!r}: expected {', '.join(GPT_HUB_NAMES)}, RWKV/rwkv-4-{{169m,430m,1b5,"
                       f"3b,7b,14b}}-pile, a Hugging Face directory, an RWKV .pth or a quantized .safetensors")

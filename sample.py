@@ -85,6 +85,9 @@ def main(argv):
         raise ConfigError(str(e)) from e
     if not ids:
         raise ConfigError("the prompt is empty; give at least one token with --start")
+    if max(ids) >= model.config.vocab_size:
+        raise ConfigError(f"the prompt's token {max(ids)} is outside the model's {model.config.vocab_size}-token "
+                          f"vocabulary: the tokenizer ({spec.get('tokenizer')}) is not the model's")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
 
     torch.manual_seed(cfg.seed)

@@ -229,6 +229,9 @@ def init_model(cfg, given, init, meta, ddir, master):
         raise ConfigError(f"{ddir} is tokenized with '{data_tokenizer}' but {init} reads '{spec['tokenizer']}': "
                           f"tokenize the data with the model's tokenizer, e.g. python data/openwebtext/prepare.py "
                           f"--tokenizer={spec['tokenizer']}")
+    if spec['tokenizer'] == 'char' and meta.get('itos') != spec.get('itos'):
+        raise ConfigError(f"{ddir}'s characters are not {init}'s ({len(meta.get('itos') or [])} against "
+                          f"{len(spec.get('itos') or [])}): fine-tune a char model on data of its own vocabulary")
     if cfg.model_type == 'gpt':
         if cfg.block_size > model.config.block_size:
             raise ConfigError(f"block_size={cfg.block_size} exceeds {init}'s {model.config.block_size} positions")

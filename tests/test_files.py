@@ -229,8 +229,8 @@ def test_files_are_told_apart_by_content_not_name(tmp_path):
     loaded, kind, _ = interop.load_pretrained(str(tmp_path / 'x.pth'))
     idx = torch.zeros(1, 3, dtype=torch.long)
     assert kind == 'rwkv' and torch.equal(loaded.prefill(idx)[0], model.prefill(idx)[0])
-    interop.save_pth(tiny_rwkv(torch.float32), tmp_path / 'y.safetensors')  # and an official .pth under that name
-    assert interop.load_pretrained(str(tmp_path / 'y.safetensors'))[1] == 'rwkv'
+    interop.save_pth(tiny_rwkv(torch.float32), tmp_path / 'y.safetensors', {'tokenizer': 'gpt2'})  # a .pth so named
+    assert interop.load_pretrained(str(tmp_path / 'y.safetensors'))[1:] == ('rwkv', {'tokenizer': 'gpt2'})
 
 
 @pytest.mark.parametrize('text,fragment', [
@@ -268,3 +268,18 @@ def test_quantizing_a_model_without_a_quantizable_matrix_is_refused():
     with pytest.raises(ValueError, match=r'no matrix of this model can be quantized to int8: their input widths '
                                          r'\[12, 48\] are not multiples of 32'):
         tiny_rwkv(torch.float32).quantize_('int8')
+
+
+def test_a_pth_carries_its_tokenizer_beside_it(tmp_path):
+    """A char model's .pth: the tokenizer in x.tokenizer.json, found by the loader; without it, a vocabulary no
+    known tokenizer fits is one line naming the file it needs (never NeoX ids handed to a 65-token model)."""
+    spec = {'tokenizer': 'char', 'vocab_size': 37, 'itos': [chr(97 + i % 26) + str(i) for i in range(37)]}
+    interop.save_pth(tiny_rwkv(torch.float32), tmp_path / 'char.pth', spec)
+    assert (tmp_path / 'char.tokenizer.json').is_file()
+    assert interop.load_pretrained(str(tmp_path / 'char.pth'))[2] == spec
+    (tmp_path / 'char.tokenizer.json').unlink()
+    with pytest.raises(ConfigError, match='has a vocabulary of 37 tokens, which neither the World nor the GPT-NeoX '
+                                          'tokenizer fits: put its tokenizer beside it as char.tokenizer.json'):
+        interop.load_pretrained(str(tmp_path / 'char.pth'))
+    with pytest.raises(ConfigError, match='no such file or folder'):
+        interop.load_pretrained(str(tmp_path / 'missing.pth'))

@@ -165,6 +165,11 @@ def test_sample_from_exported_directory_streams_same_text(trained, tmp_path):
     from_ckpt = run('sample.py', f'--out_dir={out}', *common)
     assert from_dir.returncode == 0, from_dir.stderr
     assert from_dir.stdout == from_ckpt.stdout and from_dir.stdout.startswith('abc')
+    if model_type == 'rwkv':  # the official .pth too: its char vocabulary travels beside it
+        assert run('export.py', f'--out_dir={out}', '--format=pth', f'--dest={tmp_path / "m.pth"}').returncode == 0
+        from_pth = run('sample.py', f'--init_from={tmp_path / "m.pth"}', *common)
+        assert from_pth.returncode == 0, from_pth.stderr
+        assert from_pth.stdout == from_ckpt.stdout
 
 
 def test_sample_hub_name_offline_is_one_line(tmp_path):
