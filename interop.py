@@ -497,7 +497,7 @@ def save_quantized(model, path, model_type, tokenizer=None):
 
 def is_quantized_file(path):
     path = Path(path)
-    if not path.is_file() or path.suffix != '.safetensors':
+    if not path.is_file():  # by content, whatever the name (export.py writes any --dest)
         return False
     from safetensors import safe_open
     try:
