@@ -4,6 +4,7 @@ interop.py's exports). A file is written under a temporary name beside its desti
 a rename is atomic and replaces a hard link instead of writing through it, so a crash, a full disk or a refused model
 leaves the old file as it was.
 """
+import glob
 import os
 import re
 from contextlib import contextmanager
@@ -62,6 +63,8 @@ def atomic_path(path):
     was; a failed write (disk full, file too large, read-only or missing folder) becomes an OSError of one line that
     names `path` and the cause, other errors (a model a format cannot hold) pass through as they are."""
     path = Path(path)
+    for stale in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         yield tmp

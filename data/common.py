@@ -130,9 +130,9 @@ def prepare_documents(cfg, hub_name, name, hub_splits=None):
     from tokenizer import spec_for
     try:
         spec = spec_for(cfg.tokenizer)
+        _, _, eot = get_codec(spec)  # fetches and caches the tokenizer once, before the workers start
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    _, _, eot = get_codec(spec)  # fetches and caches the tokenizer once, before the workers start
     if eot is None:
         raise ConfigError(f"tokenizer {cfg.tokenizer} has no <|endoftext|> token to separate documents")
     suffix = '' if cfg.tokenizer == 'gpt2' else '_' + (cfg.tokenizer if cfg.tokenizer == 'neox' else 'custom')

@@ -283,3 +283,19 @@ def test_a_pth_carries_its_tokenizer_beside_it(tmp_path):
         interop.load_pretrained(str(tmp_path / 'char.pth'))
     with pytest.raises(ConfigError, match='no such file or folder'):
         interop.load_pretrained(str(tmp_path / 'missing.pth'))
+
+
+def test_a_refused_export_leaves_no_file_and_a_killed_writers_leftover_goes(tmp_path):
+    with pytest.raises(ValueError, match='needs a multiple of 32'):  # Q8_0 of 12-wide matrices: refused mid-file
+        interop.save_rwkvcpp(tiny_rwkv(torch.float32), tmp_path / 'm.bin', 'Q8_0')
+    assert not list(tmp_path.iterdir())
+    (tmp_path / '.m.pth.12345.tmp').write_bytes(b'half of a file')  # what a SIGKILLed writer leaves
+    interop.save_pth(tiny_rwkv(torch.float32), tmp_path / 'm.pth')
+    assert sorted(f.name for f in tmp_path.iterdir()) == ['m.pth']
+
+
+def test_a_tokenizer_file_that_is_not_one_is_one_line(tmp_path):
+    from tokenizer import get_codec
+    (tmp_path / 'tok.json').write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=r'tok.json is not a tokenizer.json the tokenizers library reads'):
+        get_codec({'tokenizer': 'file', 'path': str(tmp_path / 'tok.json')})
