@@ -5,9 +5,10 @@ Every file another program reads or writes, reader beside writer, and the one fr
 - BlinkDL's RWKV-LM .pth files, versions 4, 5, 5.1, 6 and 7 (what the rwkv pip package runs);
 - the quantized .safetensors of export.py (quantize.py's formats, with the model config in its metadata);
 - rwkv.cpp model files (RWKV/rwkv.cpp docs/FILE_FORMAT.md);
-- the tokenizer sidecar of an exported directory (nanorwkv_tokenizer.json).
-Every writer writes a temporary file and renames it: a failed write leaves the old file as it was.
-train.py's own checkpoints are checkpoint.py's.
+- the tokenizer sidecars of exports (nanorwkv_tokenizer.json in a directory, x.tokenizer.json beside x.pth).
+Every writer writes through files.atomic_path: a failed write leaves the old file as it was. Readers tell files apart
+by their content (file_kind), never run pickled code, and turn every malformed file into a one-line ValueError that
+names it. train.py's own checkpoints are checkpoint.py's.
 """
 import json
 import re
