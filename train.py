@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from functools import partial
 from dataclasses import asdict
@@ -577,14 +578,28 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    code = 1
     try:
         main(sys.argv[1:])
+        code = 0
     except (ConfigError, TrainingError) as e:
-        sys.exit(f"train.py: error: {e}")
+        print(f"train.py: error: {e}", file=sys.stderr)
     finally:
         if torch.distributed.is_initialized():
-            # free the model and optimizer first (FSDP's hooks hold them in reference cycles): left to the interpreter's
-            # shutdown, tensors still tied to gloo's worker threads are destroyed after the GIL is gone, and a rank
-            # aborts ("terminate called without an active exception") after a finished run
+            # free the model and optimizer first (FSDP's hooks hold them in reference cycles), then leave without the
+            # interpreter's shutdown: there, tensors still tied to gloo's worker threads are destroyed after the GIL
+            # is gone, and a rank aborts ("terminate called without an active exception") after a finished run.
+            # An unexpected exception is still reported: its traceback is printed before we leave.
             gc.collect()
             torch.distributed.destroy_process_group()
+            exc = sys.exc_info()[1]
+            if isinstance(exc, SystemExit):  # --help, or an exit of its own
+                code = exc.code if isinstance(exc.code, int) else 1
+            elif exc is not None:
+                traceback.print_exc()
+            if 'wandb' in sys.modules and getattr(sys.modules['wandb'], 'run', None) is not None:
+                sys.modules['wandb'].finish()  # what its exit hook would have done
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    sys.exit(code)
