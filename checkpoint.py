@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from configurator import ConfigError
-from files import WriteRecorder, fsync_dir
+from files import WriteError, cause, first_line, fsync_dir, save_torch
 
 # ---------------------------------------------------------------------------------------------------------------------
 # writing and finding checkpoints
@@ -50,32 +50,21 @@ def save_checkpoint(ckpt, out_dir, keep_last):
     stray *.tmp is removed by the next save. A failed write (disk full, file-size limit) removes its temporary file,
     leaves every earlier checkpoint as it was, and raises OSError naming the file."""
     out_dir = Path(out_dir)
-    for stale in out_dir.glob('ckpt*.tmp'):
+    for stale in [*out_dir.glob('.ckpt-*.tmp'), *out_dir.glob('ckpt*.tmp')]:  # left by a save that was killed
         stale.unlink()
     path = out_dir / f"ckpt-{ckpt['iter_num']:08d}.pt"
-    tmp = out_dir / f'{path.name}.tmp'
     latest = out_dir / 'ckpt.pt.tmp'
     try:
-        with open(tmp, 'wb') as f:
-            writer = WriteRecorder(f)
-            try:
-                torch.save(ckpt, writer)
-            except RuntimeError as e:  # torch's zip writer hides the file's own error behind its own message
-                raise (writer.error or e) from e
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_torch(ckpt, path)  # a temporary file, fsynced, renamed (files.py)
         try:
             os.link(path, latest)
         except OSError:  # no hard links here (some network filesystems): a copy
             shutil.copyfile(path, latest)
         os.replace(latest, out_dir / 'ckpt.pt')
         fsync_dir(out_dir)
-    except (OSError, RuntimeError) as e:
-        for f in (tmp, latest):
-            f.unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise OSError(f"could not write the checkpoint {path} ({reason})") from e
+    except OSError as e:
+        latest.unlink(missing_ok=True)
+        raise WriteError(f'the checkpoint {path}', cause(e)) from e
     mine = [f for f in checkpoint_files(out_dir) if run_id_of(f) == ckpt['run_id']]
     for old in mine[max(keep_last, 1):]:
         old.unlink()
@@ -106,7 +95,7 @@ def load_checkpoint(path, device):
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or foreign files; say which file and why
         raise ConfigError(f"{path} is not a readable nanoRWKV checkpoint ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+                          f"{first_line(e)})") from e
     if not isinstance(ckpt, dict) or not {'model', 'model_type', 'model_args'} <= set(ckpt):
         raise ConfigError(f"{path} is not a nanoRWKV checkpoint (expected keys model, model_type, model_args)")
     return ckpt

@@ -18,7 +18,7 @@ from pathlib import Path
 import interop
 from checkpoint import load_latest_checkpoint, model_from_checkpoint
 from configurator import ConfigError, Option, parse_config, run_script
-from files import cause
+from files import WriteError, cause
 
 OPTIONS = dict(
     out_dir=Option('out', "the directory with the checkpoints (the newest intact one is exported)"),
@@ -57,8 +57,8 @@ def main(argv):
             interop.save_pretrained(model, dest, ckpt.get('tokenizer', {'tokenizer': 'gpt2'}))
     except ValueError as e:  # a model the format cannot hold (MoE, attention options)
         raise ConfigError(str(e)) from e
-    except OSError as e:  # files.atomic_path names the file and the cause; the old file is as it was
-        message = str(e) if str(e).startswith('could not write') else f"could not write {dest} ({cause(e)})"
+    except OSError as e:  # a WriteError of files.py names the file and the cause; the old file is as it was
+        message = e if isinstance(e, WriteError) else WriteError(dest, cause(e))
         raise ConfigError(f"{message}; pick a writable --dest with room for the file") from e
     print(f"wrote {dest} ({ckpt['model_type']}, format {cfg.format}, iteration {ckpt.get('iter_num')})")
 

@@ -40,15 +40,28 @@ class WriteRecorder:
         self.f.flush()
 
 
+class WriteError(OSError):
+    """A file that could not be written, its path and the one-line reason; the old file is as it was."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"could not write {path} ({reason})")
+        self.path, self.reason = path, reason
+
+
+def first_line(e):
+    """An exception's message cut to its first line (libraries' errors run to tracebacks of their own)."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def cause(e):
     """The one-line reason of a failed write: the OS's words where there are some (safetensors wraps them as
     "I/O error: <the OS's words> (os error N)")."""
+    if isinstance(e, WriteError):
+        return e.reason
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     wrapped = re.search(r'I/O error: (.+?) \(os error \d+\)', str(e))
-    if wrapped:
-        return wrapped[1]
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return wrapped[1] if wrapped else first_line(e)
 
 
 def write_failure(e):
@@ -60,8 +73,8 @@ def write_failure(e):
 def atomic_path(path):
     """Yields a temporary path beside `path` for the caller to write. When the block ends, the file is fsynced and
     renamed over `path`, and the directory fsynced. On any error the temporary file is removed and `path` is as it
-    was; a failed write (disk full, file too large, read-only or missing folder) becomes an OSError of one line that
-    names `path` and the cause, other errors (a model a format cannot hold) pass through as they are."""
+    was; a failed write (disk full, file too large, read-only or missing folder) becomes a WriteError of one line
+    that names `path` and the cause, other errors (a model a format cannot hold) pass through as they are."""
     path = Path(path)
     for stale in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):  # left by a writer that was killed
         stale.unlink(missing_ok=True)
@@ -74,8 +87,8 @@ def atomic_path(path):
         fsync_dir(path.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if write_failure(e):
-            raise OSError(f"could not write {path} ({cause(e)})") from e
+        if write_failure(e) and not isinstance(e, WriteError):
+            raise WriteError(path, cause(e)) from e
         raise
 
 

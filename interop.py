@@ -19,7 +19,7 @@ import torch
 
 from checkpoint import build_model
 from configurator import ConfigError
-from files import atomic_path, save_torch, write_text
+from files import atomic_path, first_line, save_torch, write_text
 from model_gpt import GPT, GPTConfig
 from model_rwkv import RWKV, RWKVConfig
 from quantize import FILE_VERSION, FORMATS, ggml_blocks
@@ -69,7 +69,7 @@ def load_hf_directory(directory):
             try:
                 state.update(load_file(f))
             except Exception as e:  # safetensors' own error type, for a truncated or foreign file
-                raise ValueError(f"{f} is damaged or not a safetensors file ({str(e).splitlines()[0]})") from e
+                raise ValueError(f"{f} is damaged or not a safetensors file ({first_line(e)})") from e
     else:
         files = sorted(directory.glob('pytorch_model*.bin'))
         for f in files:
@@ -110,7 +110,7 @@ def load_torch_tensors(path):
                          f"loaded") from e
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise ValueError(f"{path} is not a readable torch file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+                         f"{first_line(e)})") from e
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
     return state
@@ -129,7 +129,7 @@ def file_kind(path):
             with safe_open(str(path), 'pt') as f:
                 meta = f.metadata() or {}
         except Exception as e:  # safetensors' own error type
-            raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]})") from e
+            raise ValueError(f"{path} is damaged ({first_line(e)})") from e
         if meta.get('nanorwkv') == 'quantized':
             return 'quantized'
         raise ValueError(f"{path} is a .safetensors without nanoRWKV's quantized metadata: a Hugging Face model is "
@@ -536,13 +536,13 @@ def load_quantized(path, expect=None):
         try:
             model = build_model(model_type, model_args)
         except (ConfigError, TypeError) as e:  # a key or value no config of this version takes
-            raise ValueError(f"{path}: its model config does not build ({str(e).splitlines()[0]})") from e
+            raise ValueError(f"{path}: its model config does not build ({first_line(e)})") from e
     model.to_empty(device='cpu')
     model.quantize_(fmt, head=head)  # the structure; the values come from the file
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors' own error type
-        raise ValueError(f"{path} is damaged ({str(e).splitlines()[0]})") from e
+        raise ValueError(f"{path} is damaged ({first_line(e)})") from e
     if model_type == 'gpt' and 'transformer.wte.weight' not in state:
         state['transformer.wte.weight'] = state['lm_head.weight']
     missing, unexpected = model.load_state_dict(state, strict=False)

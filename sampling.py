@@ -12,13 +12,13 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
     probability adds up to top_p (nucleus sampling, Holtzman et al. 2019). A temperature so small that the scaled
     logits overflow is greedy (its limit). Returns (B, 1). Non-finite logits (a model that overflowed) are an error:
     no token can be read from them."""
-    if not torch.isfinite(logits).all():
-        raise ValueError("the model's logits are not finite (NaN or inf): its weights or activations overflowed; "
-                         "check the checkpoint (or run in float32 instead of float16)")
+    scaled = logits if temperature == 0 else logits.float() / temperature
+    if not torch.isfinite(scaled).all():  # one check (one host sync) per token
+        if not torch.isfinite(logits).all():
+            raise ValueError("the model's logits are not finite (NaN or inf): its weights or activations overflowed; "
+                             "check the checkpoint (or run in float32 instead of float16)")
+        return torch.argmax(logits, dim=-1, keepdim=True)  # overflowed by a tiny temperature: its limit, greedy
     if temperature == 0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    scaled = logits.float() / temperature
-    if not torch.isfinite(scaled).all():
         return torch.argmax(logits, dim=-1, keepdim=True)
     logits = scaled
     if top_k is not None:

@@ -9,6 +9,7 @@ Sources, each checked against the canonical file's sha256 and cached in ~/.cache
   were released with; the hub has no copy under a stable name), fetched once.
 """
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+from configurator import ConfigError
 
 CACHE = Path(os.environ.get('NANORWKV_CACHE', Path.home() / '.cache' / 'nanorwkv'))
 GPT2_RANKS = ('openai-whisper==20250625', 'openai_whisper-20250625/whisper/assets/gpt2.tiktoken',
@@ -125,3 +128,27 @@ def get_codec(spec):
         # id 0 is the end of text (no bytes); a split UTF-8 character decodes to U+FFFD until it is whole
         return tok.encode, lambda ids: b''.join(tok.idx2token.get(i, b'') for i in ids).decode('utf-8', 'replace'), 0
     raise ValueError(f"unknown tokenizer {spec!r}: expected 'char', 'gpt2', 'neox', 'world' or 'file'")
+
+
+def read_meta(ddir):
+    """The dataset's meta.json (None where there is none: GPT-2 BPE), checked: a JSON object with a tokenizer and a
+    positive int vocab_size, and for a char vocabulary an itos list of exactly vocab_size entries."""
+    path = ddir / 'meta.json'
+    if not path.is_file():
+        return None
+    again = "prepare the dataset again (its prepare.py writes meta.json)"
+    try:
+        meta = json.loads(path.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); {again}") from e
+    if not isinstance(meta, dict) or 'tokenizer' not in meta:
+        raise ConfigError(f"{path} names no tokenizer; {again}")
+    size = meta.get('vocab_size')
+    if type(size) is not int or size < 1:
+        raise ConfigError(f"{path} has no vocab_size (a positive int; it has {size!r}); {again}")
+    if meta['tokenizer'] == 'char':
+        itos = meta.get('itos')
+        if not isinstance(itos, list) or len(itos) != size or not all(isinstance(c, str) for c in itos):
+            n = len(itos) if isinstance(itos, list) else 'no'
+            raise ConfigError(f"{path}: vocab_size={size} but its character list (itos) has {n} entries; {again}")
+    return meta

@@ -12,7 +12,6 @@ OPTIONS below is the configuration; a config file (plain Python assignments) and
 override it (configurator.py). Only keys defined here are accepted.
 """
 import gc
-import json
 import math
 import os
 import signal
@@ -36,6 +35,7 @@ from hardware import (DEVICE, DTYPES, autocast_context, measure_peak_flops, reso
                       start_distributed)
 from interop import load_pretrained
 from model_rwkv import VERSIONS, RWKVConfig
+from tokenizer import read_meta
 from wkv_cuda import BACKENDS
 
 # -----------------------------------------------------------------------------
@@ -155,30 +155,6 @@ def prepare_data(cfg, master):
             raise ConfigError(f"{path} has an odd number of bytes ({size}): it is truncated (uint16 tokens); prepare "
                               f"the dataset again")
     return ddir
-
-
-def read_meta(ddir):
-    """The dataset's meta.json (None where there is none: GPT-2 BPE), checked: a JSON object with a tokenizer and a
-    positive int vocab_size, and for a char vocabulary an itos list of exactly vocab_size entries."""
-    path = ddir / 'meta.json'
-    if not path.is_file():
-        return None
-    again = "prepare the dataset again (its prepare.py writes meta.json)"
-    try:
-        meta = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); {again}") from e
-    if not isinstance(meta, dict) or 'tokenizer' not in meta:
-        raise ConfigError(f"{path} names no tokenizer; {again}")
-    size = meta.get('vocab_size')
-    if type(size) is not int or size < 1:
-        raise ConfigError(f"{path} has no vocab_size (a positive int; it has {size!r}); {again}")
-    if meta['tokenizer'] == 'char':
-        itos = meta.get('itos')
-        if not isinstance(itos, list) or len(itos) != size or not all(isinstance(c, str) for c in itos):
-            n = len(itos) if isinstance(itos, list) else 'no'
-            raise ConfigError(f"{path}: vocab_size={size} but its character list (itos) has {n} entries; {again}")
-    return meta
 
 
 def ignored_options(cfg, given):

