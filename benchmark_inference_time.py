@@ -14,20 +14,22 @@ $ python benchmark_inference_time.py --device=cuda --dtype=float16 --n_layer=32 
       --n_tokens=16384                                                 # GPU, ~3B models as in the original plot
 
 Writes <out>.csv (one row per model and token), <out>.json (config, machine, summary, rows) and the three-panel PNG
-at --plot, and prints a summary table. Options are --key=value overrides of DEFAULTS below, as in train.py.
+at --plot (both under out-bench/, which git ignores, unless you name other paths), and prints a summary table.
+Options are --key=value overrides of OPTIONS below, as in train.py.
 """
 import csv
+import io
 import json
 import os
 import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from configurator import ConfigError, Option, parse_config, run_script
+from configurator import ConfigError, Option, fill_path, parse_config, run_script
+from files import atomic_path, write_text
 from hardware import DEVICE, resolve_device, run_provenance
 
 OPTIONS = dict(
@@ -49,8 +51,8 @@ OPTIONS = dict(
     n_tokens=Option(4096, "tokens generated per model, from an empty context", '>= 1'),
     report_at=Option([64, 256, 1024, 4096], "context lengths in the summary (those <= n_tokens)", '>= 1'),
     window=Option(32, "the summary's ms/token at context n is the median over the `window` steps ending at n", '>= 1'),
-    out=Option('benchmarks/results/inference_time_{device}', "where the .csv and .json go; {device}: cpu / cuda"),
-    plot=Option('assets/inference_time_{device}.png', "where the PNG goes; {device} becomes cpu / cuda"),
+    out=Option('out-bench/inference_time_{device}', "where the .csv and .json go; {device}: cpu / cuda"),
+    plot=Option('out-bench/inference_time_{device}.png', "where the PNG goes; {device} becomes cpu / cuda"),
     seed=Option(1337, "seeds the random weights", '>= 0'),
 )
 
@@ -193,6 +195,8 @@ def main(argv):
     device = resolve_device(cfg.device)
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     dtype = getattr(torch, cfg.dtype)
+    # the output paths before measuring: a bad placeholder fails now, not after the run
+    out, png = fill_path('out', cfg.out, device=device_type), fill_path('plot', cfg.plot, device=device_type)
     commit, machine = run_provenance(device)
     title = (f"L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size} {cfg.dtype}, batch 1, {machine}, torch "
              f"{torch.__version__}, commit {commit}")
@@ -207,18 +211,18 @@ def main(argv):
     at, summary = summarize(rows, cfg)
     print_table(at, summary)
 
-    out = Path(cfg.out.format(device=device_type))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix('.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows)
     meta = dict(argv=argv, config=vars(cfg), device=device, machine=machine, torch=torch.__version__, commit=commit,
                 date=time.strftime('%Y-%m-%d'), summary=summary)
-    out.with_suffix('.json').write_text(json.dumps(dict(meta, rows=rows), indent=1))
-    png = Path(cfg.plot.format(device=device_type))
-    png.parent.mkdir(parents=True, exist_ok=True)
-    figure(rows, title).savefig(png, dpi=110)
+    for path in (out, png):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out.with_suffix('.csv'), table.getvalue())
+    write_text(out.with_suffix('.json'), json.dumps(dict(meta, rows=rows), indent=1))
+    with atomic_path(png) as tmp:
+        figure(rows, title).savefig(tmp, dpi=110, format='png')
     print(f"wrote {out.with_suffix('.csv')}, {out.with_suffix('.json')} and {png}")
 
 

@@ -146,6 +146,17 @@ def parse_config(options, argv, doc, given=None):
     return SimpleNamespace(**config)
 
 
+def fill_path(key, template, **fields):
+    """An output path option with {placeholders} filled in, checked before any work: an unknown placeholder is a
+    one-line error rather than a KeyError after a long benchmark."""
+    try:
+        return Path(template.format(**fields))
+    except (KeyError, IndexError, ValueError) as e:
+        known = ', '.join('{' + f + '}' for f in fields) or 'none'
+        raise ConfigError(f"{key}={template!r}: cannot fill in its placeholders ({type(e).__name__}: {e}); the "
+                          f"known ones are {known} (write {{{{ and }}}} for a literal brace)") from e
+
+
 def run_script(main):
     """A script's entry point: main(sys.argv[1:]); a ConfigError ends it with one line, `<script>: error: <message>`,
     and exit status 1 (never a traceback)."""

@@ -11,6 +11,7 @@ mode: 'rnn' (RWKV only: the prompt in parallel mode carrying state, then one RNN
 'parallel' (RWKV: the whole sequence again for every token; GPT: the prompt at once, then one step per token with
 its KV cache), 'auto' (rnn for RWKV, parallel for GPT).
 """
+import sys
 from pathlib import Path
 
 import torch
@@ -90,11 +91,16 @@ def main(argv):
                           f"vocabulary: the tokenizer ({spec.get('tokenizer')}) is not the model's")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
 
+    num_samples = cfg.num_samples
+    if cfg.temperature == 0 and num_samples > 1:
+        print(f"note: temperature=0 is greedy, so the {num_samples} samples would be the same text: drawing one",
+              file=sys.stderr)
+        num_samples = 1
     torch.manual_seed(cfg.seed)
     top_k = cfg.top_k or None
     kwargs = {'mode': mode} if model_type == 'rwkv' else {}
     with torch.no_grad(), ctx:
-        for _ in range(cfg.num_samples):
+        for _ in range(num_samples):
             # stream: print each new piece of text as its token arrives (decoding the whole continuation each
             # time, so multi-token characters come out whole)
             out, shown = list(ids), decode(ids)

@@ -281,6 +281,12 @@ def get_lr(it, cfg):
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
+def format_duration(seconds):
+    """1h02m, 3m05s, 12s: the log line's eta."""
+    m, s = divmod(int(seconds + 0.5), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def checkpoint_now(raw_model, optimizer, scaler, cfg, run, iter_num, best_val_loss):
     """Every rank takes part (FSDP gathers the shards, RNG states are collected); rank 0 writes."""
     rng = {'torch': torch.get_rng_state(),
@@ -330,9 +336,9 @@ def main(argv):
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     dtype = resolve_dtype(cfg.dtype, device_type)
     world_size = int(os.environ.get('WORLD_SIZE', 1))
-    if cfg.gradient_accumulation_steps % world_size != 0:
+    if cfg.gradient_accumulation_steps > world_size and cfg.gradient_accumulation_steps % world_size != 0:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of the "
-                          f"number of processes ({world_size})")
+                          f"number of processes ({world_size}), or at most {world_size} (one micro-step per process)")
     if cfg.fsdp and 'RANK' not in os.environ:
         raise ConfigError("fsdp=True needs several processes: torchrun --nproc_per_node=N train.py ... --fsdp=True")
     if cfg.init_from in ('scratch', 'auto'):
@@ -348,7 +354,8 @@ def main(argv):
     ddir = prepare_data(cfg, master)
     meta = read_meta(ddir)
     tokenizer = meta if meta else {'tokenizer': 'gpt2'}  # what sample.py will decode with
-    grad_accum = cfg.gradient_accumulation_steps // world_size
+    # the global count, shared out (nanoGPT); fewer micro-steps than processes: one each, a larger global batch
+    grad_accum = max(1, cfg.gradient_accumulation_steps // world_size)
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -369,8 +376,10 @@ def main(argv):
         tokens = (ddir / f'{split}.bin').stat().st_size // 2
         if tokens <= sample_len:
             raise ConfigError(f"{ddir / f'{split}.bin'} has {tokens} tokens, not more than "
-                              f"{'ctx_len' if cfg.ctx_len else 'block_size'}={sample_len}; use a smaller "
-                              f"--{'ctx_len' if cfg.ctx_len else 'block_size'}")
+                              f"{'ctx_len' if cfg.ctx_len else 'block_size'}={sample_len}: "
+                              + ("prepare a larger val split (the document datasets' prepare.py: a smaller "
+                                 "--val_every) or " if split == 'val' else '')
+                              + f"use a smaller --{'ctx_len' if cfg.ctx_len else 'block_size'}")
     tokens_per_iter = grad_accum * world_size * cfg.batch_size * sample_len
     run_id = (checkpoint or {}).get('run_id') or new_run_id()  # a resumed run keeps its id (older checkpoints had none)
     run = dict(device=device, rank=rank, world_size=world_size, tokenizer=tokenizer, run_id=run_id,
@@ -378,6 +387,9 @@ def main(argv):
     if master:
         print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} x {grad_accum} x {cfg.batch_size} x "
               f"{sample_len}); device {device}, dtype {dtype}")
+        if cfg.gradient_accumulation_steps < world_size:
+            print(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} < {world_size} processes: each "
+                  f"process runs one micro-step, {world_size} per iteration in all")
         if sample_len > cfg.block_size:
             print(f"samples of {sample_len} tokens in segments of {cfg.block_size} carrying the state, bptt="
                   f"'{cfg.bptt}'" + (f", the last {cfg.bptt_range} segments learn" if cfg.bptt_range else ''))
@@ -445,26 +457,30 @@ def main(argv):
     peak = cfg.peak_flops or measure_peak_flops(device, dtype)
     if master:
         print(f"peak FLOP/s for MFU: {peak / 1e12:.3g} TFLOP/s")
-    if iter_num > cfg.max_iters and not cfg.eval_only:
+    if 0 < cfg.max_iters <= iter_num and not cfg.eval_only:
         if master:
-            print(f"the checkpoint is at iteration {iter_num}, past max_iters={cfg.max_iters}: nothing to train "
+            print(f"the checkpoint is at iteration {iter_num}, max_iters={cfg.max_iters}: nothing to train "
                   f"(raise --max_iters to continue)")
         return
 
     # the training loop
     offsets = train_offsets(cfg.seed, iter_num, n_train, cfg.batch_size, grad_accum, rank, world_size)
     X, Y = get_batch(ddir, 'train', offsets[0], sample_len, vocab_size, device)
-    t0 = time.time()
+    t0 = t_start = time.time()
     local_iter, running_mfu, skipped = 0, -1.0, 0
     while True:
         lr = get_lr(iter_num, cfg) if cfg.decay_lr else cfg.learning_rate
         for group in optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)
 
-        if iter_num % cfg.eval_interval == 0:
+        save = False
+        # not again at the iteration a run resumes at: its checkpoint was taken after that eval
+        if (iter_num % cfg.eval_interval == 0 and not (local_iter == 0 and iter_num > 0)) or cfg.eval_only:
+            if master and local_iter == 0:  # the first eval can take long (eval_iters batches of each split)
+                print(f"evaluating on {cfg.eval_iters} batches of each split every {cfg.eval_interval} iterations",
+                      flush=True)
             losses = estimate_loss(model, initial_state, cfg, sample_len, ddir, vocab_size, device, ctx) \
                 if master or cfg.fsdp else None
-            save = False
             if master:  # FSDP: every rank runs its shard of the eval, rank 0 reports
                 reset = f" (state reset every {cfg.block_size}: {losses['val_reset']:.4f})" if 'val_reset' in losses \
                     else ''
@@ -481,7 +497,11 @@ def main(argv):
                 save = flag[0]
             if save:
                 checkpoint_now(raw_model, optimizer, scaler, cfg, run, iter_num, best_val_loss)
-        if iter_num == 0 and cfg.eval_only:
+        if cfg.eval_only:
+            break
+        if iter_num >= cfg.max_iters:  # max_iters iterations done; the end of the run is a checkpoint too
+            if not save:
+                checkpoint_now(raw_model, optimizer, scaler, cfg, run, iter_num, best_val_loss)
             break
 
         loss_sum = torch.zeros((), device=device)
@@ -535,8 +555,10 @@ def main(argv):
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             # an MoE model's loss includes moe_aux_coef x the load-balancing loss, printed apart (last micro-step's)
             aux = f", moe aux {raw_model.last_moe_aux.item():.4f}" if raw_model.config.moe_experts else ''
-            print(f"iter {iter_num}: loss {lossf:.6f}{aux}, time {dt * 1000:.2f}ms, "
-                  f"tok/s {tokens_per_iter / dt:,.0f}, mfu {running_mfu * 100:.2f}%")
+            mfu = f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ''  # measured from the 6th iteration
+            eta = (t1 - t_start) / (local_iter + 1) * (cfg.max_iters - iter_num - 1)  # evals included
+            print(f"iter {iter_num}/{cfg.max_iters}: loss {lossf:.6f}{aux}, time {dt * 1000:.2f}ms, "
+                  f"tok/s {tokens_per_iter / dt:,.0f}{mfu}, eta {format_duration(eta)}")
         iter_num += 1
         local_iter += 1
         if stopping:
@@ -544,10 +566,6 @@ def main(argv):
             if master:
                 print(f"{stop_signal[0] if stop_signal else 'a signal'} received: checkpoint saved at iteration "
                       f"{iter_num}; resume with --init_from=resume")
-            break
-        if iter_num > cfg.max_iters:
-            # the end of the run is a checkpoint too: it can be continued with a larger max_iters
-            checkpoint_now(raw_model, optimizer, scaler, cfg, run, iter_num, best_val_loss)
             break
     if world_size > 1:
         torch.distributed.barrier()  # leave together: tearing down gloo while rank 0 still writes can abort a rank

@@ -1,14 +1,16 @@
 """
-Draws assets/time_mixing.gif and assets/channel_mixing.gif: tokens flowing one at a time through an RWKV-4 block of
-this repository (model_rwkv.py, random weights, 8 channels), in RNN mode, every number the one the model computes.
+Draws time_mixing.gif and channel_mixing.gif (the README's are in assets/): tokens flowing one at a time through an
+RWKV-4 block of this repository (model_rwkv.py, random weights, 8 channels), in RNN mode, every number the one the
+model computes.
 
 time mixing, per token t: token shift mixes x_t with x_{t-1} per channel (time_mix) into the inputs of k, v and r;
 the decayed sums a (numerator) and b (denominator) take e^{u+k_t} v_t for the output and then decay by e^{-w} and
 add e^{k_t}; y_t = (a + e^{u+k} v) / (b + e^{u+k}) is gated by sigmoid(r_t).
 channel mixing: the same token shift, a squared-ReLU key of width 4C, a value back to C, gated by sigmoid(r_t).
 
-$ python assets/make_animations.py
-$ python assets/make_animations.py --frames=3 --out_dir=/tmp/gifs      # a quick look
+$ python assets/make_animations.py                   # into out-figures/ (git-ignored)
+$ python assets/make_animations.py --out_dir=assets   # the README's
+$ python assets/make_animations.py --frames=3         # a quick look
 """
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ OPTIONS = dict(
     frames=Option(12, "tokens, one frame each", '>= 1'),
     n_embd=Option(8, "channels drawn", '>= 2'),
     fps=Option(1.5, "frames per second", '> 0'),
-    out_dir=Option(str(Path(__file__).resolve().parent), "where the two GIFs go"),
+    out_dir=Option('out-figures', "where the two GIFs go ('assets' replaces the README's)"),
     seed=Option(0, "seeds the weights and the tokens", '>= 0'),
 )
 

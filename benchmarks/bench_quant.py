@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configurator import ConfigError, Option, parse_config, run_script  # noqa: E402
+from files import atomic_path  # noqa: E402
 from hardware import run_provenance  # noqa: E402
 
 FORMATS = ['fp32', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4']
@@ -39,7 +40,8 @@ OPTIONS = dict(
     checkpoints=Option([], "out_dirs of trained RWKV checkpoints whose val perplexity is measured per format"),
     head=Option([True, False], "perplexity with the head quantized and kept fp32"),
     eval_tokens=Option(65536, "val tokens per perplexity (in block_size windows)", '>= 1'),
-    plot=Option('assets/quant_decode_cpu.png', "where the bar chart of batch-1 tokens/s goes ('' = none)"),
+    plot=Option('out-bench/quant_decode_cpu.png', "where the bar chart of batch-1 tokens/s goes ('' = none; "
+                                                   "out-bench/ is git-ignored; assets/... is the README's)"),
     seed=Option(1337, "seeds the random weights and tokens", '>= 0'),
 )
 
@@ -245,7 +247,8 @@ def plot(results, title, path):
     ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format='png')
     print(f"wrote {path}\n")
 
 

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from files import write_text  # noqa: E402
 SOURCES = ('wkv_cuda.cu', 'wkv5_cuda.cu', 'wkv7_cuda.cu')
 ARCHS = ('sm_80', 'sm_90')
 
@@ -72,9 +74,7 @@ def main():
         print(f"{r['source']:<13} {r['arch']:<6} {r['kernel']:<44} {r['registers']:>5} "
               f"{r['spill_stores']:>5}/{r['spill_loads']:<6} {r['stack']:>6} {r['smem']:>6}")
     if a.out:
-        tmp = Path(a.out).with_name(Path(a.out).name + '.tmp')
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(a.out)
+        write_text(a.out, json.dumps(rows, indent=1))
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ import json
 import multiprocessing as mp
 import os
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -145,7 +146,9 @@ def prepare_documents(cfg, hub_name, name, hub_splits=None):
         docs = documents(cfg.source, hub_name)
         if cfg.max_docs:
             docs = docs.take(cfg.max_docs)
-        items = (('val' if i % cfg.val_every == 0 else 'train', d['text']) for i, d in enumerate(docs))
+        # blank lines of a .txt are not documents
+        texts = (d['text'] for d in docs if not isinstance(d['text'], str) or d['text'].strip())
+        items = (('val' if i % cfg.val_every == 0 else 'train', text) for i, text in enumerate(texts))
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {'train': 0, 'val': 0}
     vocab_max = 0
@@ -180,3 +183,17 @@ def prepare_documents(cfg, hub_name, name, hub_splits=None):
             'source': cfg.source or hub_name}
     write_text(out_dir / 'meta.json', json.dumps(meta, indent=1))
     print(f"{out_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens ({cfg.tokenizer})")
+    warn_small_splits(counts, '' if hub_splits and not cfg.source else
+                      f"; a smaller --val_every (now {cfg.val_every}) sends more documents to val")
+
+
+def warn_small_splits(counts, hint=''):
+    """A split too small to train or evaluate on is said at once, not at train.py's first eval."""
+    for split, n in counts.items():
+        if n < SMALL_SPLIT:
+            print(f"warning: {split} has {n:,} tokens, too few to {'train' if split == 'train' else 'evaluate'} "
+                  f"on (eval batches need block_size + 1 tokens per sample and more than one sample){hint}",
+                  file=sys.stderr)
+
+
+SMALL_SPLIT = 4096  # tokens: fewer than 16 samples of block_size 256

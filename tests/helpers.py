@@ -45,7 +45,7 @@ def one_line_error(r, script, fragment):
 
 def loss_lines(stdout):
     """{iteration: logged loss} from train.py's output."""
-    return {int(i): float(v) for i, v in re.findall(r'iter (\d+): loss ([-\d.naif]+)', stdout)}
+    return {int(i): float(v) for i, v in re.findall(r'iter (\d+)/\d+: loss ([-\d.naif]+)', stdout)}
 
 
 def args(model_type, data, out, max_iters, *extra):

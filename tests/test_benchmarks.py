@@ -3,6 +3,7 @@ is asserted (speed is reported by the scripts, not tested)."""
 import csv
 import json
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +37,14 @@ def table(stdout, first_cell):
 def test_inference_time_benchmark(tmp_path):
     n, W = 40, 16
     out = script('benchmark_inference_time.py', f'--n_layer={L}', f'--n_embd={C}', '--n_head=2', f'--vocab_size={V}',
-                 f'--n_tokens={n}', '--report_at=[8, 40]', '--window=4', f'--out={tmp_path}/it', '--hybrid_layers=[1]',
-                 f'--attn_window={W}', f'--plot={tmp_path}/it.png', '--device=cpu', cwd=tmp_path)
+                 f'--n_tokens={n}', '--report_at=[8, 40]', '--window=4', '--hybrid_layers=[1]',
+                 f'--attn_window={W}', '--device=cpu', cwd=tmp_path)
+    # the default outputs: under out-bench/ of the working directory (git-ignored in the repository)
+    assert sorted(f.name for f in (tmp_path / 'out-bench').iterdir()) == [
+        'inference_time_cpu.csv', 'inference_time_cpu.json', 'inference_time_cpu.png']
+    shutil.move(tmp_path / 'out-bench' / 'inference_time_cpu.png', tmp_path / 'it.png')
+    for suffix in ('csv', 'json'):
+        shutil.move(tmp_path / 'out-bench' / f'inference_time_cpu.{suffix}', tmp_path / f'it.{suffix}')
     rows = list(csv.DictReader(open(tmp_path / 'it.csv')))
     models = ('rwkv', 'gpt', 'hybrid', 'gpt_window')
     assert [(r['model'], int(r['tokens'])) for r in rows] == [(m, i) for m in models for i in range(1, n + 1)]

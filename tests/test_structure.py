@@ -121,3 +121,39 @@ def test_every_script_reads_the_options_it_documents_and_documents_what_it_reads
         reads = cfg_reads(path) | (cfg_reads(REPO / 'data' / 'common.py') if documents else set())
         assert options <= reads, f"{name} documents options it never reads: {sorted(options - reads)}"
         assert reads <= options, f"{name} reads options it does not document: {sorted(reads - options)}"
+
+
+def test_pyproject_installs_every_module_with_requirements_txt_dependencies():
+    # `pip install -e .` (and a wheel) must carry every top-level module, the kernels' sources and the same
+    # dependencies as requirements.txt, so that a module added later is not importable only from the repository root
+    import fnmatch
+    import re
+    import tomllib
+    project = tomllib.loads((REPO / 'pyproject.toml').read_text())
+    setup = project['tool']['setuptools']
+    assert sorted(setup['py-modules']) == sorted(f.stem for f in REPO.glob('*.py'))
+    assert sorted(setup['packages']) == sorted(p.parent.name for p in REPO.glob('*/__init__.py'))
+    patterns = setup['package-data']['wkv_cuda']
+    sources = [f.relative_to(REPO / 'wkv_cuda').as_posix() for f in (REPO / 'wkv_cuda').rglob('*')
+               if f.is_file() and f.suffix != '.py' and '__pycache__' not in f.parts]
+    assert sources and [s for s in sources if not any(fnmatch.fnmatch(s, p) for p in patterns)] == []
+    pinned = [re.sub(r'\s*#.*', '', line).strip() for line in (REPO / 'requirements.txt').read_text().splitlines()]
+    declared = project['project']['dependencies'] + project['project']['optional-dependencies']['test']
+    assert sorted(p for p in pinned if p) == sorted(declared)
+
+
+def test_every_default_output_is_git_ignored():
+    # a run with default options never dirties the checkout: checkpoints, benchmark tables and figures land in
+    # git-ignored folders unless a path is named
+    import subprocess
+    outputs = []
+    for name in SCRIPTS:
+        module = runpy.run_path(str(REPO / name))
+        options = module.get('OPTIONS') or module['DOCUMENT_OPTIONS']
+        outputs += [(name, key, options[key].default.format(device='cpu')) for key in ('out', 'plot', 'out_dir')
+                    if key in options and options[key].default and name != 'sample.py']  # sample.py's is its input
+    assert len(outputs) >= 5
+    for name, key, path in outputs:
+        inside = f'{path}/ckpt.pt' if key == 'out_dir' else path  # a file written there
+        ignored = subprocess.run(['git', 'check-ignore', '-q', '--no-index', inside], cwd=REPO).returncode == 0
+        assert ignored, f"{name}: the default {key}={path!r} is not git-ignored"

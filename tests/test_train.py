@@ -25,12 +25,11 @@ def test_train_loss_goes_down(trained):
     evals = eval_lines(stdout)
     assert [s for s, _, _ in evals] == [0, 30, 60]
     assert evals[-1][2] < evals[0][2] - 0.4, evals  # val loss from ~ln(10) = 2.3 down towards the chain's entropy
-    assert re.search(r'iter 50: loss [\d.]+, time [\d.]+ms, tok/s [\d,]+, mfu [\d.]+%', stdout)
+    assert re.search(r'iter 50/60: loss [\d.]+, time [\d.]+ms, tok/s [\d,]+, mfu [\d.]+%, eta \d+s', stdout)
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
-    assert ckpt['model_type'] == model_type and ckpt['iter_num'] == 61  # saved at the end: 0..60 are done
-    assert sorted(f.name for f in out.glob('ckpt*.pt')) == ['ckpt-00000030.pt', 'ckpt-00000060.pt',
-                                                            'ckpt-00000061.pt', 'ckpt.pt']
-    assert (out / 'ckpt.pt').read_bytes() == (out / 'ckpt-00000061.pt').read_bytes()
+    assert ckpt['model_type'] == model_type and ckpt['iter_num'] == 60  # saved at the last eval: 0..59 are done
+    assert sorted(f.name for f in out.glob('ckpt*.pt')) == ['ckpt-00000030.pt', 'ckpt-00000060.pt', 'ckpt.pt']
+    assert (out / 'ckpt.pt').read_bytes() == (out / 'ckpt-00000060.pt').read_bytes()
     assert ckpt['config']['model_type'] == model_type and ckpt['tokenizer']['tokenizer'] == 'char'
     assert not list(out.glob('*.tmp'))  # the atomic write left nothing behind
 
@@ -44,9 +43,9 @@ def test_resume_continues_from_saved_iteration(trained, dataset, tmp_path):
     r = run('train.py', *tiny_args(model_type, dataset, resumed, 90), '--init_from=resume')
     assert r.returncode == 0, r.stderr
     assert [s for s, _, _ in eval_lines(r.stdout)] == [90]
-    assert f'resuming from {resumed / "ckpt.pt"} at iteration 61' in r.stdout
+    assert f'resuming from {resumed / "ckpt.pt"} at iteration 60' in r.stdout
     after = torch.load(resumed / 'ckpt.pt', weights_only=True)
-    assert after['iter_num'] == 91 and after['model_type'] == model_type
+    assert after['iter_num'] == 90 and after['model_type'] == model_type
     assert after['optimizer']['state'][0]['step'] == before['optimizer']['state'][0]['step'] + 30
 
 

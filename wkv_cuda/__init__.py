@@ -28,6 +28,7 @@ through cuda_shim/) and runs the matrix-state ops of RWKV-5/6 (wkv5.py) and RWKV
 (run_matrix_op), with the same backend rules.
 """
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -144,25 +145,13 @@ def build_extension(kind, build_directory=None, verbose=False, simd=True, op='wk
     works. The CUDA build also contains the CPU kernel. 'shim' compiles the .cu with the host compiler against
     cuda_shim/ and runs its kernels on CPU threads (the tests check the CUDA source that way). simd=False leaves AVX2
     out (the portable paths, which the tests build to check them on an AVX2 machine)."""
-    import logging
-    log = logging.getLogger('torch.utils.cpp_extension')
-    level = log.level
-    if kind != 'cuda':  # its import-time "No CUDA runtime is found, using CUDA_HOME=..." concerns CUDA builds only
-        log.setLevel(logging.ERROR)
-    try:
-        from torch.utils.cpp_extension import load
-    finally:
-        log.setLevel(level)
+    load = _cpp_extension(quiet=kind != 'cuda').load
     sources = [HERE / f for f in SOURCES[op]]
     # -ffast-math lets gcc vectorise exp() through glibc's libmvec; the recurrences never produce inf or NaN
     cflags = ['-O3', '-fopenmp', '-ffast-math', *extra_cflags]
-    name = f'{EXTENSION_NAMES[op]}_{kind}'
-    if not simd:
-        name += '_scalar'
-    elif torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512'):
-        # 8-wide SIMD where this CPU has it; the name keeps builds for different CPUs apart in the cache
+    name = extension_name(kind, op, simd)
+    if name.endswith('_avx2'):  # 8-wide SIMD where this CPU has it
         cflags += ['-mavx2', '-mfma']
-        name += '_avx2'
     kwargs = {}
     if kind == 'cuda':
         sources.append(HERE / CUDA_SOURCES[op])
@@ -183,19 +172,53 @@ def build_extension(kind, build_directory=None, verbose=False, simd=True, op='wk
                 extra_ldflags=['-fopenmp'], build_directory=build_directory, verbose=verbose, **kwargs)
 
 
+def extension_name(kind, op='wkv4', simd=True):
+    """The name torch caches a build under; it keeps builds for different CPUs apart."""
+    name = f'{EXTENSION_NAMES[op]}_{kind}'
+    if not simd:
+        return name + '_scalar'
+    return name + '_avx2' if torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512') else name
+
+
+def _cpp_extension(quiet=True):
+    """torch.utils.cpp_extension; quiet: without its import-time "No CUDA runtime is found, using CUDA_HOME=...",
+    which concerns CUDA builds only."""
+    import logging
+    log = logging.getLogger('torch.utils.cpp_extension')
+    level = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def _default_build_dir(name):
-    from torch.utils.cpp_extension import _get_build_directory
-    return _get_build_directory(name, verbose=False)
+    return _cpp_extension()._get_build_directory(name, verbose=False)
 
 
 def get_extension(kind, op='wkv4'):
+    """The op's compiled extension for 'cpu' or 'cuda', built once per machine (torch caches it) and loaded once per
+    process; an Exception if it cannot build. A build says so before and after (it takes about a minute); a cached
+    load is silent."""
     key = kind if op == 'wkv4' else (op, kind)
     if key not in _extensions:
-        print(f"wkv: loading the '{kind}' {op} kernel (compiled on first use: about a minute)", file=sys.stderr)
+        what = f"the '{kind}' {op} kernel" + (' and the quantized matrix products' if op == 'wkv4' else '')
+        name = extension_name(kind, op)
+        cached = (Path(_default_build_dir(name)) / f'{name}.so').is_file()
+        if not cached:
+            print(f"wkv: building {what} (about a minute, once: torch caches it)", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         try:
             _extensions[key] = build_extension(kind, op=op)
         except Exception as e:  # compilers fail in many ways (missing ninja, nvcc, headers): keep the reason
             _extensions[key] = e
+            return e
+        dt = time.perf_counter() - t0
+        if not cached or dt > 10:  # a cached build whose sources changed is rebuilt
+            print(f"wkv: built {what} in {dt:.0f} s" + (' (its sources changed)' if cached else ''), file=sys.stderr)
     return _extensions[key]
 
 
