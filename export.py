@@ -4,14 +4,16 @@ Convert a training checkpoint (out*/ckpt.pt) to a format the rest of the ecosyst
 $ python export.py --out_dir=out-shakespeare-char --format=hf --dest=rwkv-shakespeare   # transformers directory
 $ python export.py --out_dir=out-shakespeare-char --format=pth --dest=rwkv-shakespeare.pth   # RWKV-LM / rwkv pip
 
-format 'hf': config.json + model.safetensors, loaded by transformers as RwkvForCausalLM or GPT2LMHeadModel.
+format 'hf': config.json + model.safetensors, loaded by transformers as RwkvForCausalLM or GPT2LMHeadModel, and the
+  tokenizer as AutoTokenizer loads it (tokenizer.json, tokenizer_config.json) and as sample.py reads it back.
 format 'pth': RWKV only, the official .pth of BlinkDL's RWKV-LM (any version), which the rwkv pip package runs, and
   its tokenizer beside it in <dest minus .pth>.tokenizer.json (sample.py --init_from=<.pth> reads it).
 formats 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4': the model quantized for CPU inference (quantize.py), one .safetensors
   that sample.py --init_from=<file> and RWKV/GPT.from_pretrained load without the checkpoint;
   --head=True/False overrides the format's default for the output head.
 format 'rwkvcpp': RWKV only, an rwkv.cpp model file (docs/FILE_FORMAT.md there) of --rwkvcpp_type FP32, FP16 (file
-  version 100) or Q8_0, Q5_1, Q4_0 (version 101, ggml's current blocks; the embedding and head stay FP32).
+  version 100) or Q8_0, Q5_1, Q4_0 (version 101, ggml's current blocks; the embedding and head stay FP32), with the
+  tokenizer beside it as for 'pth'; sample.py --init_from=<file> runs it (a quantized one quantized).
 """
 from pathlib import Path
 
@@ -49,7 +51,7 @@ def main(argv):
         if cfg.format == 'pth':
             interop.save_pth(model, dest, ckpt.get('tokenizer', {'tokenizer': 'gpt2'}))
         elif cfg.format == 'rwkvcpp':
-            interop.save_rwkvcpp(model, dest, cfg.rwkvcpp_type)
+            interop.save_rwkvcpp(model, dest, cfg.rwkvcpp_type, ckpt.get('tokenizer', {'tokenizer': 'gpt2'}))
         elif cfg.format != 'hf':
             model.quantize_(cfg.format, head=None if cfg.head == 'default' else cfg.head)
             interop.save_quantized(model, dest, ckpt['model_type'], ckpt.get('tokenizer'))

@@ -11,6 +11,7 @@ by their content (file_kind), never run pickled code, and turn every malformed f
 names it. train.py's own checkpoints are checkpoint.py's.
 """
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -22,7 +23,8 @@ from configurator import ConfigError
 from files import atomic_path, first_line, save_torch, write_text
 from model_gpt import GPT, GPTConfig
 from model_rwkv import RWKV, RWKVConfig
-from quantize import FILE_VERSION, FORMATS, ggml_blocks
+from quantize import FILE_VERSION, FORMATS, QLinear, ggml_blocks
+from tokenizer import hf_tokenizer_json
 
 RWKV_HUB_NAMES = tuple(f'RWKV/rwkv-4-{size}-pile' for size in ('169m', '430m', '1b5', '3b', '7b', '14b'))
 GPT_HUB_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
@@ -117,8 +119,9 @@ def load_torch_tensors(path):
 
 
 def file_kind(path):
-    """What a model file is, by its first bytes: 'quantized' (export.py's .safetensors) or 'torch' (a torch.save
-    file: an official .pth or a training checkpoint); anything else is an error that says what the file is."""
+    """What a model file is, by its first bytes: 'quantized' (export.py's .safetensors), 'rwkvcpp' (an rwkv.cpp
+    file) or 'torch' (a torch.save file: an official .pth or a training checkpoint); anything else is an error that
+    says what the file is."""
     path = Path(path)
     with open(path, 'rb') as f:
         head = f.read(16)
@@ -137,8 +140,7 @@ def file_kind(path):
     if head[:4] == b'PK\x03\x04' or head[:1] == b'\x80':  # a torch.save zip, or the legacy pickle format
         return 'torch'
     if len(head) >= 4 and int.from_bytes(head[:4], 'little') == RWKVCPP_MAGIC:
-        raise ValueError(f"{path} is an rwkv.cpp model file (rwkv.cpp runs it); nanoRWKV loads the .pth or the "
-                         f"checkpoint it was exported from")
+        return 'rwkvcpp'
     raise ValueError(f"{path} is not a model file nanoRWKV reads (expected an RWKV .pth, a quantized .safetensors "
                      f"of export.py, or a Hugging Face directory)")
 
@@ -360,9 +362,9 @@ def rwkv_from_hf(directory, source, wkv_backend):
     return config, {hf_to_ours[k]: v for k, v in hf_state.items()}
 
 
-def save_rwkv_hf(model, directory):
+def save_rwkv_hf(model, directory, special_ids=None):
     """Write a Hugging Face format directory (config.json + model.safetensors) that transformers loads as
-    RwkvForCausalLM."""
+    RwkvForCausalLM. special_ids: config.json's bos/eos_token_id (default: GPT-NeoX's <|endoftext|>, 0)."""
     cfg = model.config
     if cfg.version != '4':
         raise ValueError(f"transformers has no class for RWKV-{cfg.version} (its RwkvForCausalLM is RWKV-4): export "
@@ -375,7 +377,7 @@ def save_rwkv_hf(model, directory):
     hf = {'architectures': ['RwkvForCausalLM'], 'model_type': 'rwkv', 'vocab_size': cfg.vocab_size,
           'context_length': cfg.block_size, 'hidden_size': cfg.n_embd, 'num_hidden_layers': cfg.n_layer,
           'attention_hidden_size': cfg.n_embd, 'intermediate_size': cfg.dim_ffn, 'layer_norm_epsilon': 1e-5,
-          'rescale_every': 6, 'tie_word_embeddings': False, 'bos_token_id': 0, 'eos_token_id': 0}
+          'rescale_every': 6, 'tie_word_embeddings': False, **(special_ids or default_special_ids(0, cfg))}
     write_text(directory / 'config.json', json.dumps(hf, indent=2))
 
 
@@ -388,6 +390,8 @@ def load_rwkv(name_or_path, wkv_backend='auto'):
         config, state = rwkv_from_hf(path, name_or_path, wkv_backend)
     elif file_kind(path) == 'quantized':
         return load_quantized(path, expect='rwkv')[0]
+    elif file_kind(path) == 'rwkvcpp':
+        return load_rwkvcpp(path, wkv_backend)
     else:
         config, state = rwkv_from_pth(path, wkv_backend)
     model = empty_model(RWKV, config)
@@ -430,8 +434,9 @@ def load_gpt(name_or_path, dropout=0.0):
     return model
 
 
-def save_gpt_hf(model, directory):
-    """Write a Hugging Face format directory that transformers loads as GPT2LMHeadModel."""
+def save_gpt_hf(model, directory, special_ids=None):
+    """Write a Hugging Face format directory that transformers loads as GPT2LMHeadModel. special_ids: config.json's
+    bos/eos_token_id (default: GPT-2's <|endoftext|>, 50256)."""
     import torch.nn as nn
     cfg = model.config
     if getattr(model, 'quantized', None):
@@ -454,16 +459,36 @@ def save_gpt_hf(model, directory):
           'n_positions': cfg.block_size, 'n_embd': cfg.n_embd, 'n_layer': cfg.n_layer, 'n_head': cfg.n_head,
           'activation_function': 'gelu_new', 'layer_norm_epsilon': 1e-5, 'resid_pdrop': cfg.dropout,
           'embd_pdrop': cfg.dropout, 'attn_pdrop': cfg.dropout, 'tie_word_embeddings': True,
-          'bos_token_id': 50256, 'eos_token_id': 50256}
+          **(special_ids or default_special_ids(50256, cfg))}
     write_text(directory / 'config.json', json.dumps(hf, indent=2))
 
 
+def default_special_ids(eot, cfg):
+    """config.json's bos/eos ids without a tokenizer: the family's <|endoftext|> where the vocabulary has it."""
+    eot = eot if eot < cfg.vocab_size else None
+    return {'bos_token_id': eot, 'eos_token_id': eot}
+
+
 def save_pretrained(model, directory, tokenizer=None):
-    """A Hugging Face format directory of either model (RWKV-4 or GPT-2), with the tokenizer it was trained with in
-    nanorwkv_tokenizer.json when given (sample.py --init_from=<directory> reads it back)."""
-    (save_gpt_hf if isinstance(model, GPT) else save_rwkv_hf)(model, directory)
+    """A Hugging Face format directory of either model (RWKV-4 or GPT-2). With the tokenizer spec it was trained
+    with, also that tokenizer as transformers' AutoTokenizer reads it (tokenizer.json, tokenizer_config.json;
+    config.json's bos/eos ids its end-of-text token, or none for a char vocabulary) and as sample.py reads it back
+    exactly (nanorwkv_tokenizer.json)."""
+    hf_tokenizer, special_ids = None, None
+    if tokenizer is not None and tokenizer.get('tokenizer') != 'world':  # the World tokenizer has no HF form
+        from tokenizers import Tokenizer
+        hf_tokenizer, eot = hf_tokenizer_json(tokenizer)
+        eot_id = Tokenizer.from_str(hf_tokenizer).token_to_id(eot) if eot else None
+        special_ids = {'bos_token_id': eot_id, 'eos_token_id': eot_id}
+    (save_gpt_hf if isinstance(model, GPT) else save_rwkv_hf)(model, directory, special_ids)
+    directory = Path(directory)
+    if hf_tokenizer is not None:
+        write_text(directory / 'tokenizer.json', hf_tokenizer)
+        config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': model.config.block_size,
+                  'clean_up_tokenization_spaces': False, **({'bos_token': eot, 'eos_token': eot} if eot else {})}
+        write_text(directory / 'tokenizer_config.json', json.dumps(config, indent=2))
     if tokenizer is not None:
-        write_text(Path(directory) / 'nanorwkv_tokenizer.json', json.dumps(tokenizer))
+        write_text(directory / 'nanorwkv_tokenizer.json', json.dumps(tokenizer))
 
 
 def directory_tokenizer(path, model_type):
@@ -564,8 +589,9 @@ RWKVCPP_TYPES = {'FP32': 0, 'FP16': 1, 'Q4_0': 2, 'Q5_1': 8, 'Q8_0': 9}
 RWKVCPP_MAGIC = 0x67676d66
 
 
-def save_rwkvcpp(model, path, data_type='FP32'):
-    """Write an RWKV-4 model as an rwkv.cpp file of data_type FP32, FP16, Q8_0, Q5_1 or Q4_0."""
+def save_rwkvcpp(model, path, data_type='FP32', tokenizer=None):
+    """Write an RWKV-4 model as an rwkv.cpp file of data_type FP32, FP16, Q8_0, Q5_1 or Q4_0 (its tokenizer spec, if
+    given, beside it as for save_pth)."""
     if data_type not in RWKVCPP_TYPES:
         raise ValueError(f"rwkv.cpp data type must be one of {', '.join(RWKVCPP_TYPES)}, got {data_type!r}")
     if model.config.version != '4':
@@ -595,6 +621,83 @@ def save_rwkvcpp(model, path, data_type='FP32'):
                 f.write(t.half().numpy().astype('<f2').tobytes())
             else:
                 f.write(ggml_blocks(t, kind.lower()))
+    if tokenizer is not None:
+        write_text(tokenizer_sidecar(path), json.dumps(tokenizer))
+
+
+def load_rwkvcpp(path, wkv_backend='auto'):
+    """An RWKV-4 from an rwkv.cpp file of the types save_rwkvcpp writes (rwkv.cpp's docs/FILE_FORMAT.md: the header
+    magic, version 100 / 101, n_vocab, n_embed, n_layer, data type; then per tensor its dims, key length, type,
+    shape innermost first, key and data). FP32 / FP16 tensors load as fp32; Q8_0 / Q5_1 / Q4_0 matrices become
+    QLinear of that format holding the file's own blocks, so the model runs quantized exactly as the file is."""
+    data = Path(path).read_bytes()
+    if len(data) < 24:
+        raise ValueError(f"{path} is a truncated rwkv.cpp file ({len(data)} bytes, shorter than its header)")
+    _, version, V, C, L, _ = struct.unpack_from('<6i', data, 0)
+    if version not in (100, 101):
+        raise ValueError(f"{path} is an rwkv.cpp file of format version {version}; nanoRWKV reads versions 100 and "
+                         f"101 (what export.py --format=rwkvcpp writes)")
+    kinds = {v: k for k, v in RWKVCPP_TYPES.items()}
+    state, blocks, pos = {}, {}, 24
+    while pos < len(data):
+        if pos + 12 > len(data):
+            raise ValueError(f"{path} is truncated at byte {pos} (inside a tensor's header)")
+        n_dims, key_len, kind = struct.unpack_from('<3i', data, pos)
+        if n_dims not in (1, 2) or kind not in kinds or not 0 < key_len < 256:
+            raise ValueError(f"{path} is damaged at byte {pos}: a tensor header of {n_dims} dims, type {kind}, key "
+                             f"length {key_len} (nanoRWKV reads types {', '.join(RWKVCPP_TYPES)})")
+        shape = tuple(reversed(struct.unpack_from(f'<{n_dims}i', data, pos + 12)))
+        pos += 12 + 4 * n_dims
+        key = data[pos:pos + key_len].decode('utf-8', 'replace')
+        pos += key_len
+        kind, n = kinds[kind], math.prod(shape)
+        size = {'FP32': 4 * n, 'FP16': 2 * n}.get(kind) or n // 32 * {'Q8_0': 34, 'Q4_0': 18, 'Q5_1': 24}[kind]
+        if pos + size > len(data):
+            raise ValueError(f"{path} is truncated: {key} needs {size} bytes at byte {pos}, the file ends at "
+                             f"{len(data)}")
+        raw = bytearray(data[pos:pos + size])
+        pos += size
+        if kind in ('FP32', 'FP16'):
+            t = torch.frombuffer(raw, dtype=torch.float32 if kind == 'FP32' else torch.float16).float().reshape(shape)
+            state[key] = torch.log(-t) if key.endswith('.time_decay') else t  # the file holds -exp(time_decay)
+        else:
+            blocks[key] = (kind.lower(), ggml_tensors(raw, shape, kind.lower()))
+            state[key] = torch.empty(shape)  # replaced by the QLinear below
+    if 'emb.weight' not in state or tuple(state['emb.weight'].shape) != (V, C):
+        raise ValueError(f"{path} has no emb.weight of its header's shape ({V}, {C})")
+    fmts = {fmt for fmt, _ in blocks.values()}
+    if len(fmts) > 1:
+        raise ValueError(f"{path} mixes the quantization types {sorted(fmts)}; nanoRWKV runs one per model")
+    config = RWKVConfig(wkv_backend=wkv_backend, **pth_config(state))
+    if config.version != '4' or config.n_layer != L:
+        raise ValueError(f"{path} is not an RWKV-4 of {L} layers as its header says")
+    model = empty_model(RWKV, config)
+    own = model.state_dict()
+    load_state_checked(model, {k: v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() else v
+                               for k, v in state.items()}, path)
+    for key, (fmt, tensors) in blocks.items():
+        parent, _, child = key[:-len('.weight')].rpartition('.')
+        O, I = tensors['d'].shape[0], tensors['d'].shape[1] * 32
+        setattr(model.get_submodule(parent), child, QLinear(fmt, I, O, tensors))
+    if blocks:
+        model.quantized = (fmts.pop(), 'head.weight' in blocks)
+    return model.eval()
+
+
+def ggml_tensors(raw, shape, fmt):
+    """ggml blocks (ggml_blocks' bytes) of an (O, I) matrix as quantize.quantize's tensors of fmt."""
+    import numpy as np
+    O, I = shape
+    nb = I // 32
+    b = np.frombuffer(raw, dtype=np.uint8).reshape(O, nb, -1)
+    half = lambda a: torch.from_numpy(np.ascontiguousarray(a).view('<f2').reshape(O, nb).copy())  # noqa: E731
+    t = {'d': half(b[..., :2])}
+    if fmt == 'q5_1':
+        t['m'] = half(b[..., 2:4])
+        t['qh'] = torch.from_numpy(np.ascontiguousarray(b[..., 4:8]).view('<i4').reshape(O, nb).copy())
+    qs = np.ascontiguousarray(b[..., {'q8_0': 2, 'q4_0': 2, 'q5_1': 8}[fmt]:]).reshape(O, -1)
+    t['q'] = torch.from_numpy(qs.view(np.int8) if fmt == 'q8_0' else qs.copy()).clone()
+    return t
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -615,8 +718,11 @@ def load_pretrained(init_from, wkv_backend='auto', for_training=False):
             return load_gpt(init_from), 'gpt', {'tokenizer': 'gpt2'}
         if init_from in RWKV_HUB_NAMES:
             return load_rwkv(init_from, wkv_backend), 'rwkv', {'tokenizer': 'neox'}
-        if path.is_file():  # an official .pth: its tokenizer beside it, or a World or Pile model's
+        if path.is_file():  # an official .pth or rwkv.cpp file: its tokenizer beside it, or a World or Pile model's
             model = load_rwkv(path, wkv_backend)
+            if for_training and getattr(model, 'quantized', None):
+                raise ConfigError(f"{path} is a quantized rwkv.cpp file, for inference only: train from the float "
+                                  f"checkpoint it was exported from (--init_from=resume in its out_dir)")
             return model, 'rwkv', pth_tokenizer(path, model.config.vocab_size)
         if path.is_dir():
             config = path / 'config.json'

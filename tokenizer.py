@@ -130,6 +130,71 @@ def get_codec(spec):
     raise ValueError(f"unknown tokenizer {spec!r}: expected 'char', 'gpt2', 'neox', 'world' or 'file'")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# the same tokenizers as a Hugging Face tokenizer.json, for exported directories (AutoTokenizer.from_pretrained)
+
+def hf_tokenizer_json(spec):
+    """(the text of a tokenizer.json that the tokenizers library, and so transformers' PreTrainedTokenizerFast,
+    reads as this spec's tokenizer, its end-of-text token or None). char: one token per character (a WordLevel
+    vocabulary after splitting every character off, decoded by concatenation); gpt2: byte-level BPE with GPT-2's
+    vocabulary and merges recovered from tiktoken's ranks; neox and file: their own tokenizer.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    kind = spec.get('tokenizer')
+    if kind == 'char':
+        tok = Tokenizer(models.WordLevel({ch: i for i, ch in enumerate(spec['itos'])}, unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r'[\s\S]'), behavior='isolated')
+        tok.decoder = decoders.Fuse()
+        return tok.to_str(), None
+    if kind == 'gpt2':
+        return byte_level_bpe_json(gpt2_encoding()), '<|endoftext|>'
+    if kind in ('neox', 'file'):
+        path = spec['path'] if kind == 'file' else cached_registry_file('20B_tokenizer.json', *NEOX_JSON)
+        tok = Tokenizer.from_file(str(path))
+        return tok.to_str(), '<|endoftext|>' if tok.token_to_id('<|endoftext|>') is not None else None
+    raise ValueError(f"no Hugging Face tokenizer for {spec.get('tokenizer')!r}")
+
+
+def byte_level_bpe_json(enc):
+    """A tiktoken Encoding with GPT-2's split pattern (r50k) as a tokenizer.json: byte-level BPE, its vocabulary and
+    merges from the ranks, its special tokens added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab, merges = bpe_merges(enc._mergeable_ranks)
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex, then bytes
+    tok.decoder = decoders.ByteLevel()
+    for token, i in sorted(enc._special_tokens.items(), key=lambda kv: kv[1]):
+        tok.add_special_tokens([token])
+        if tok.token_to_id(token) != i:
+            raise ValueError(f"special token {token!r} is id {i}, not the next one after the vocabulary")
+    return tok.to_str()
+
+
+def byte_to_unicode():
+    """GPT-2's printable stand-in for each byte (openai/gpt-2 src/encoder.py bytes_to_unicode): the printable
+    Latin-1 bytes stand for themselves, the other 68 get the characters from U+0100 on, in byte order."""
+    keep = [*range(ord('!'), ord('~') + 1), *range(ord('\xa1'), ord('\xac') + 1), *range(ord('\xae'), 256)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+
+
+def bpe_merges(ranks):
+    """A tiktoken ranks table {bytes: rank} as the vocabulary {token: id} and the ordered merges [(left, right)] of a
+    byte-level BPE: each multi-byte token is the merge of the two pieces that BPE with only the lower ranks leaves
+    of its bytes (the conversion transformers' convert_slow_tokenizer.TikTokenConverter describes)."""
+    show = byte_to_unicode()
+    text = lambda b: ''.join(show[x] for x in b)  # noqa: E731
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:  # merge the lowest-ranked adjacent pair, as BPE does, until two pieces are left
+            i = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], rank))
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append((text(parts[0]), text(parts[1])))
+    return {text(token): rank for token, rank in ranks.items()}, merges
+
+
 def read_meta(ddir):
     """The dataset's meta.json (None where there is none: GPT-2 BPE), checked: a JSON object with a tokenizer and a
     positive int vocab_size, and for a char vocabulary an itos list of exactly vocab_size entries."""

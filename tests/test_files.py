@@ -3,6 +3,7 @@ and into a missing folder (file writers) leaves the old file byte-identical and 
 hard link of a checkpoint does not write through it; a checkpoint with a flipped byte is refused by its CRCs and the
 one before it used; every malformed model file given to the loader is one line, told apart by content."""
 import json
+import struct
 import re
 import resource
 import signal
@@ -167,8 +168,11 @@ BAD_FILES = {
     'a plain safetensors': (lambda p: hf_rwkv(p / 'hf') / 'model.safetensors', 'give the directory'),
     'a truncated pth': (lambda p: (official_pth('4', p / 'm.pth'), truncate(p / 'm.pth'), p / 'm.pth')[2],
                         'is not a readable torch file'),
-    'an rwkv.cpp file': (lambda p: (interop.save_rwkvcpp(tiny_rwkv(torch.float32, n_embd=32), p / 'm.bin'),
-                                    p / 'm.bin')[1], 'is an rwkv.cpp model file'),
+    'a truncated rwkv.cpp file': (lambda p: (interop.save_rwkvcpp(tiny_rwkv(torch.float32, n_embd=32), p / 'm.bin'),
+                                             truncate(p / 'm.bin'), p / 'm.bin')[2], 'm.bin is truncated'),
+    'an rwkv.cpp file of another version': (lambda p: write(p, 'm.bin', struct.pack('<6i', 0x67676d66, 102, 40, 32,
+                                                                                       2, 0)),
+                                            'an rwkv.cpp file of format version 102'),
     'a training checkpoint': (lambda p: (save_checkpoint({'model': {}, 'model_type': 'rwkv', 'model_args': {},
                                                           'iter_num': 1, 'run_id': 'x'}, p, 1), p / 'ckpt.pt')[1],
                               'is a nanoRWKV training checkpoint'),

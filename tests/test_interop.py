@@ -200,3 +200,36 @@ def test_rwkv_half_precision_inference(dtype, tol):
     assert got.dtype == dtype and all(s.dtype == torch.float32 for s in state)  # the state stays fp32
     assert torch.isfinite(got).all() and max_diff(got.float(), want) <= tol * want.abs().max().item()
     assert max_diff(step.float(), want[:, 0]) <= tol * want.abs().max().item()
+
+
+@pytest.mark.parametrize('make', [tiny_rwkv, tiny_gpt])
+def test_exported_directory_has_the_tokenizer_transformers_loads(make, tmp_path):
+    # a char model's export: AutoTokenizer reads its tokenizer and encodes / decodes as the model was trained;
+    # config.json names no special token the vocabulary lacks; transformers generates from it with that tokenizer
+    import logging
+    import interop
+    from tokenizer import get_codec
+    text = 'Hello, "world"!\n  é~ {x}\n'
+    itos = sorted(set(text))
+    itos += [c for c in map(chr, range(ord('A'), ord('z'))) if c not in itos][:V - len(itos)]
+    spec = {'tokenizer': 'char', 'itos': itos}
+    model = make(vocab_size=V) if make is tiny_gpt else make(torch.float32, vocab_size=V)
+    interop.save_pretrained(model, tmp_path, spec)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger('transformers').addHandler(handler)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    finally:
+        logging.getLogger('transformers').removeHandler(handler)
+    assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage() for r in records]
+    encode, decode, _ = get_codec(spec)
+    assert tok(text)['input_ids'] == encode(text) and tok.decode(encode(text)) == text
+    assert hf.config.bos_token_id is None and hf.config.eos_token_id is None
+    with torch.no_grad():
+        ids = torch.tensor([encode('Hello')])
+        want = model.generate(ids, 6, temperature=0)
+        got = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert got.tolist() == want.tolist()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from configurator import ConfigError
 from helpers import args, one_line_error, run, tiny_gpt, tiny_rwkv
 from model_gpt import GPT
 from model_rwkv import RWKV
@@ -300,8 +301,37 @@ def test_rwkvcpp_file_read_back_by_an_independent_reader(data_type, tmp_path):
             assert (got - want).abs().mean() < 0.12 * want.abs().mean(), k
 
 
+@pytest.mark.parametrize('data_type', ['FP32', 'FP16', 'Q8_0', 'Q5_1', 'Q4_0'])
+def test_rwkvcpp_file_loads_back_and_runs_as_written(data_type, tmp_path):
+    # our reader of rwkv.cpp files: FP32 is the model itself, FP16 its matrices rounded to fp16, a quantized file a
+    # model quantized to that format with the embedding and head kept (as rwkv.cpp keeps them), run from the file's
+    # own blocks: the same logits in each case; the tokenizer comes from the sidecar, training from it is refused
+    import copy
+    from interop import load_pretrained, save_rwkvcpp
+    model = tiny_rwkv(dtype=torch.float32, n_embd=64, vocab_size=40).eval()
+    save_rwkvcpp(model, tmp_path / 'm.bin', data_type, {'tokenizer': 'char', 'itos': [chr(65 + i) for i in range(40)]})
+    got, kind, spec = load_pretrained(str(tmp_path / 'm.bin'), wkv_backend='torch')
+    assert kind == 'rwkv' and spec['itos'][:3] == ['A', 'B', 'C']
+    want = copy.deepcopy(model)
+    if data_type == 'FP16':
+        with torch.no_grad():
+            for p in want.parameters():
+                if p.dim() == 2:
+                    p.copy_(p.half().float())
+    elif data_type != 'FP32':
+        want.quantize_(data_type.lower(), head=False)
+    assert getattr(got, 'quantized', None) == getattr(want, 'quantized', None)
+    idx = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(got.prefill(idx)[0], want.prefill(idx)[0])
+    if data_type not in ('FP32', 'FP16'):
+        with pytest.raises(ConfigError, match='for inference only'):
+            load_pretrained(str(tmp_path / 'm.bin'), wkv_backend='torch', for_training=True)
+
+
 def test_rwkvcpp_library_runs_our_files(tmp_path):
-    """Where rwkv.cpp's library loads (see benchmarks/rwkvcpp.py), it runs our FP32 file to our step's logits and state."""
+    """Where rwkv.cpp's library loads (see benchmarks/rwkvcpp.py), it runs our FP32 file to our step's logits and
+    state."""
     from benchmarks.rwkvcpp import RwkvCpp
     from interop import save_rwkvcpp
     try:
