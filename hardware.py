@@ -7,8 +7,9 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -97,3 +98,21 @@ def start_distributed(device_type):
     torch.distributed.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo', store=store, rank=rank,
                                          world_size=world_size)
     return rank, local_rank, world_size
+
+
+@contextmanager
+def others_quiet(name):
+    """Another library's prints and warnings (the rwkv package's, torch.ao's deprecation) kept out of a benchmark's
+    table: collected while the block runs, then said once, in one line on stderr."""
+    import io
+    import warnings
+    from contextlib import redirect_stderr, redirect_stdout
+    buf = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, redirect_stdout(buf), redirect_stderr(buf):
+        warnings.simplefilter('always')
+        yield
+    said = [line.strip() for line in buf.getvalue().splitlines() if line.strip()]
+    said += [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
+    if said:
+        text = '; '.join(dict.fromkeys(said))
+        print(f"({name} said: {text[:400]}{'...' if len(text) > 400 else ''})", file=sys.stderr, flush=True)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configurator import ConfigError, Option, parse_config, run_script  # noqa: E402
-from hardware import run_provenance  # noqa: E402
+from hardware import others_quiet, run_provenance  # noqa: E402
 
 OPTIONS = dict(
     # (n_layer, n_embd, vocab_size): a char-level model, a small BPE model, and RWKV-4 169M's shape
@@ -51,7 +51,8 @@ def decode_rate(step, n_tokens, warmup, repeats, batch=1):
 
 def bench(L, C, V, cfg, tmp):
     os.environ.setdefault('RWKV_CUDA_ON', '0')
-    from rwkv.model import RWKV as PipRWKV
+    with others_quiet('the rwkv package'):
+        from rwkv.model import RWKV as PipRWKV
     from model_rwkv import RWKV, RWKVConfig
     torch.manual_seed(cfg.seed)
     src = RWKV(RWKVConfig(n_layer=L, n_embd=C, vocab_size=V))
@@ -62,7 +63,8 @@ def bench(L, C, V, cfg, tmp):
     path = Path(tmp) / f'L{L}-C{C}-V{V}.pth'
     src.save_pth(path)
     ours = RWKV.from_pretrained(path).eval()  # the same file for both
-    pip = PipRWKV(model=str(path.with_suffix('')), strategy='cpu fp32', verbose=False)
+    with others_quiet('the rwkv package'):
+        pip = PipRWKV(model=str(path.with_suffix('')), strategy='cpu fp32', verbose=False)
     tokens = torch.randint(0, V, (cfg.warmup + cfg.n_tokens,), generator=torch.Generator().manual_seed(cfg.seed))
 
     # the same logits, token by token, before timing anything
@@ -111,15 +113,19 @@ def main(argv):
           f"{machine}, {time.strftime('%Y-%m-%d')}\nfp32 on the CPU, batch 1 unless stated, {cfg.n_tokens} fixed "
           f"random tokens per run, median of {cfg.repeats} runs\n")
     B = cfg.batch_size
-    print(f"| n_layer | n_embd | vocab | rwkv pip tok/s | ours tok/s | ours / pip | ours compiled tok/s | "
-          f"compiled / pip | ours batch {B} tok/s | max logit diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []  # printed at the end, so that no library's message lands inside the table
     with tempfile.TemporaryDirectory() as tmp:
         for L, C, V in cfg.sizes:
             ours_1, pip_1, ours_b, compiled, diff = bench(L, C, V, cfg, tmp)
             comp = f"{compiled:,.1f} | {compiled / pip_1:.2f}x" if compiled else "- | -"
-            print(f"| {L} | {C} | {V} | {pip_1:,.1f} | {ours_1:,.1f} | {ours_1 / pip_1:.2f}x | {comp} | "
-                  f"{ours_b:,.1f} | {diff:.1e} |", flush=True)
+            rows.append(f"| {L} | {C} | {V} | {pip_1:,.1f} | {ours_1:,.1f} | {ours_1 / pip_1:.2f}x | {comp} | "
+                        f"{ours_b:,.1f} | {diff:.1e} |")
+            print(f"measured L{L} C{C} V{V}", file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    print(f"| n_layer | n_embd | vocab | rwkv pip tok/s | ours tok/s | ours / pip | ours compiled tok/s | "
+          f"compiled / pip | ours batch {B} tok/s | max logit diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print('\n'.join(rows), flush=True)
 
 
 if __name__ == '__main__':

@@ -136,8 +136,11 @@ def measure(cfg, mode, T, device):
 def main(argv):
     cfg = parse_config(OPTIONS, argv, __doc__)
     device = resolve_device(cfg.device)
-    if cfg.worker:
-        mode, T = cfg.worker.split(':')
+    if cfg.worker:  # the parent's own call; anything else is a mistake said in one line
+        mode, _, T = cfg.worker.partition(':')
+        if mode not in ('segmented', 'plain') or not T.isdigit() or int(T) < 1:
+            raise ConfigError(f"--worker={cfg.worker!r}: expected 'segmented:<ctx_len>' or 'plain:<ctx_len>' (it is "
+                              f"how this script runs each measurement; leave it out)")
         print(json.dumps(measure(cfg, mode, int(T), device)))
         return
     commit, machine = run_provenance(device)

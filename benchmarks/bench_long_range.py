@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bptt import forward_backward  # noqa: E402
 from configurator import ConfigError, Option, parse_config, run_script  # noqa: E402
+from files import atomic_path, write_text  # noqa: E402
 from hardware import run_provenance  # noqa: E402
 from model_rwkv import RWKV, RWKVConfig  # noqa: E402
 
@@ -113,7 +114,7 @@ def main(argv):
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(dict(config=vars(cfg), commit=commit, machine=machine, accuracy=results), indent=1))
+        write_text(out, json.dumps(dict(config=vars(cfg), commit=commit, machine=machine, accuracy=results), indent=1))
         print(f"wrote {out}")
     if cfg.plot:
         import matplotlib
@@ -131,7 +132,8 @@ def main(argv):
         ax.legend(fontsize=8)
         fig.tight_layout()
         Path(cfg.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(cfg.plot, dpi=110)
+        with atomic_path(cfg.plot) as tmp:
+            fig.savefig(tmp, dpi=110, format='png')
         print(f"wrote {cfg.plot}")
 
 

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configurator import ConfigError, Option, parse_config, run_script  # noqa: E402
 from files import atomic_path  # noqa: E402
-from hardware import run_provenance  # noqa: E402
+from hardware import others_quiet, run_provenance  # noqa: E402
 
 FORMATS = ['fp32', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4']
 OPTIONS = dict(
@@ -103,13 +103,16 @@ def speed_rows(cfg, tmp):
     if not cfg.rivals:
         return rows
     float_model = RWKV.from_pretrained(pth).eval()
-    qmodel = torch.ao.quantization.quantize_dynamic(float_model, {torch.nn.Linear}, dtype=torch.qint8)
+    with others_quiet('torch.ao'):
+        qmodel = torch.ao.quantization.quantize_dynamic(float_model, {torch.nn.Linear}, dtype=torch.qint8)
     rows.append(('torch.ao dynamic int8 (ours)', 1, None, lambda n: our_runner(qmodel, tokens, 1)))
     try:
         os.environ.setdefault('RWKV_CUDA_ON', '0')
-        from rwkv.model import RWKV as PipRWKV
+        with others_quiet('the rwkv package'):
+            from rwkv.model import RWKV as PipRWKV
         for strategy in ('cpu fp32', 'cpu fp32i8'):
-            pip = PipRWKV(model=str(pth.with_suffix('')), strategy=strategy, verbose=False)
+            with others_quiet('the rwkv package'):
+                pip = PipRWKV(model=str(pth.with_suffix('')), strategy=strategy, verbose=False)
 
             def factory(n, pip=pip):
                 s = [None]

@@ -217,7 +217,7 @@ def test_bad_inputs_each_get_one_line(dataset, tmp_path, monkeypatch):
     r = run('train.py', *args('gpt', data, out, 4), '--init_from=resume')
     assert r.returncode == 0, r.stderr
     assert 'skipping' in r.stderr and 'ckpt-00000009.pt' in r.stderr
-    assert f'resuming from {out / "ckpt-00000003.pt"}' in r.stdout
+    assert f'resuming from {out / "ckpt-00000002.pt"}' in r.stdout
 
 
 def test_wandb_without_network_falls_back_to_offline(dataset, tmp_path):

@@ -303,3 +303,48 @@ def test_a_tokenizer_file_that_is_not_one_is_one_line(tmp_path):
     (tmp_path / 'tok.json').write_bytes(bytes(range(256)))
     with pytest.raises(ValueError, match=r'tok.json is not a tokenizer.json the tokenizers library reads'):
         get_codec({'tokenizer': 'file', 'path': str(tmp_path / 'tok.json')})
+
+
+KILLED_WRITER = '''
+import os, sys, time
+import torch
+sys.path[:0] = [{repo!r}, {tests!r}]
+from test_files import WRITERS
+write, make, inner = WRITERS[{name!r}]
+model = make()
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(1.0)
+def stall(fd):  # the bytes are written, the rename has not happened: where a kill does the most harm
+    print('written, not renamed', flush=True)
+    time.sleep(600)
+os.fsync = stall
+write(model, {dest!r})
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', WRITERS)
+def test_a_writer_killed_mid_write_leaves_the_old_file(name, tmp_path):
+    # SIGKILL of a process inside an export's write: the destination keeps its old bytes, and the temporary file
+    # the killed process left is removed by the next write to it
+    import subprocess
+    import sys
+    from helpers import REPO
+    write, make, inner = WRITERS[name]
+    dest = tmp_path / 'export'
+    write(make(), dest)
+    target = dest / inner if inner else dest
+    before = target.read_bytes()
+    code = KILLED_WRITER.format(repo=str(REPO), tests=str(REPO / 'tests'), name=name, dest=str(dest))
+    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == 'written, not renamed', p.stderr.read()
+        left = [f for f in tmp_path.rglob('*') if f.name.endswith('.tmp')]
+        assert left and left[0].stat().st_size > 0  # the new bytes are there, under the temporary name
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    assert target.read_bytes() == before
+    write(make(), dest)
+    assert not [f for f in tmp_path.rglob('*') if f.name.endswith('.tmp')]

@@ -148,7 +148,7 @@ def test_disk_full_while_saving(dataset, tmp_path):
     r = subprocess.run([sys.executable, str(REPO / 'train.py'), *args('gpt', dataset, out, 6, '--eval_interval=1'),
                         '--init_from=resume'], capture_output=True, text=True, timeout=600,
                        preexec_fn=limit_file_size(20_000))
-    one_line_error(r, 'train.py', f'could not write the checkpoint {out / "ckpt-00000005.pt"} (File too large); the '
+    one_line_error(r, 'train.py', f'could not write the checkpoint {out / "ckpt-00000004.pt"} (File too large); the '
                                   f'earlier checkpoints in {out} are intact')
     assert {f.name: f.read_bytes() for f in out.glob('ckpt*.pt')} == before  # ckpt.pt included
     assert not list(out.glob('*.tmp'))
@@ -187,7 +187,7 @@ def test_training_data_changed_under_a_run(dataset, tmp_path):
         f.seek(36000)
         f.write(bytes(200))
     r = run('train.py', *args('gpt', data, out, 4), '--init_from=resume')
-    one_line_error(r, 'train.py', f'{data / "train.bin"} is not the file {out / "ckpt-00000003.pt"} was trained on')
+    one_line_error(r, 'train.py', f'{data / "train.bin"} is not the file {out / "ckpt-00000002.pt"} was trained on')
 
 
 def test_failing_data_preparation_is_its_own_line(tmp_path):
@@ -260,6 +260,8 @@ BAD = [
     ('export.py', ['--format=onnx'], "format must be one of 'hf', 'pth'"),
     ('export.py', ['--dest='], 'say where to write with --dest=PATH'),
     ('benchmark_inference_time.py', ['--n_tokens=0'], 'n_tokens must be >= 1'),
+    ('benchmark_inference_time.py', ['--out=x/{dev}'], "out='x/{dev}': cannot fill in its placeholders"),
+    ('benchmarks/bench_infctx.py', ['--worker=segmented'], "--worker='segmented': expected 'segmented:<ctx_len>'"),
     ('benchmark_inference_time.py', ['--models=["lstm"]'], "models must be one of 'rwkv', 'gpt'"),
     ('benchmark_inference_time.py', ['--report_at=[0]'], 'report_at must be >= 1'),
     ('benchmark_inference_time.py', ['--models=["gpt"]', '--n_head=3', '--n_embd=32', '--n_tokens=1'],

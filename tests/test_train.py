@@ -192,5 +192,6 @@ def test_eval_only_from_pretrained_directory(trained, dataset, tmp_path):
     (step, _, val), = eval_lines(r.stdout)
     assert step == 0 and abs(val - eval_lines(stdout)[-1][2]) < 0.15
     # a directory without a recorded tokenizer reads GPT-2 BPE or NeoX, not this char dataset: refused
-    (tmp_path / 'hf' / 'nanorwkv_tokenizer.json').unlink()
+    for name in ('nanorwkv_tokenizer.json', 'tokenizer.json', 'tokenizer_config.json'):
+        (tmp_path / 'hf' / name).unlink()
     one_line_error(run('train.py', *args), 'train.py', "is tokenized with 'char' but")
