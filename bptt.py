@@ -65,7 +65,10 @@ def forward_backward(model, state, idx, targets, block_size, bptt='full', bptt_r
     for i in reversed(range(first_learning, len(bounds))):
         lo, hi = bounds[i]
         carry = bptt == 'full' and i > first_learning  # does the gradient go on into segment i - 1?
-        state_in = like(state, [s.detach().requires_grad_(carry) for s in states[i]])
+        if i == 0 and any(s.requires_grad for s in state):
+            state_in = state  # a learned initial state (state tuning): its gradient goes on to its parameters
+        else:
+            state_in = like(state, [s.detach().requires_grad_(carry) for s in states[i]])
         with sync(i == first_learning):
             with autocast:
                 loss, state_out = model(idx[:, lo:hi], targets[:, lo:hi], state=state_in, n_tokens=n_tokens)

@@ -229,10 +229,14 @@ def check_resume(cfg, given, ckpt, path, train_bin):
                           f"config it was trained with, or use another --out_dir")
     cfg.model_type = kind
     config = model_config(kind, ckpt['model_args'])  # a checkpoint from before an option has its default
+    unread = set()  # keys this model does not read: any value given is no contradiction
+    if kind == 'rwkv':
+        unread |= set() if config.attn_layers else {'n_head', 'attn_window', 'attn_kv_heads'}
+        unread |= {'head_size'} if config.version == '4' else set()
     for key in ARCH_KEYS[kind]:
         theirs = getattr(config, CONFIG_NAMES.get(key, key))
         theirs = list(theirs) if isinstance(theirs, tuple) else theirs  # attn_layers: a list in train.py
-        if getattr(cfg, key) != theirs and key in given:
+        if getattr(cfg, key) != theirs and key in given and key not in unread:
             raise ConfigError(f"{path} was trained with {key}={theirs!r} but this run has {key}={getattr(cfg, key)!r}; "
                               f"resume with the config it was trained with, or use another --out_dir")
         setattr(cfg, key, theirs)

@@ -11,6 +11,8 @@ format 'pth': RWKV only, the official .pth of BlinkDL's RWKV-LM (any version), w
 formats 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4': the model quantized for CPU inference (quantize.py), one .safetensors
   that sample.py --init_from=<file> and RWKV/GPT.from_pretrained load without the checkpoint;
   --head=True/False overrides the format's default for the output head.
+format 'state': a state-tuned RWKV-5/6/7 (train.py --finetune=state): its learned initial state alone, a small .pth
+  of blocks.<i>.att.time_state; sample.py --init_from=<base .pth> --init_state=<file> runs the base model from it.
 format 'rwkvcpp': RWKV only, an rwkv.cpp model file (docs/FILE_FORMAT.md there) of --rwkvcpp_type FP32, FP16 (file
   version 100) or Q8_0, Q5_1, Q4_0 (version 101, ggml's current blocks; the embedding and head stay FP32), with the
   tokenizer beside it as for 'pth'; sample.py --init_from=<file> runs it (a quantized one quantized).
@@ -26,7 +28,7 @@ OPTIONS = dict(
     out_dir=Option('out', "the directory with the checkpoints (the newest intact one is exported)"),
     format=Option('hf', "'hf' (a transformers directory), 'pth' (RWKV only: the official .pth), or a "
                         "quantization format (a .safetensors for CPU inference)",
-                  ('hf', 'pth', 'rwkvcpp', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4')),
+                  ('hf', 'pth', 'state', 'rwkvcpp', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4')),
     dest=Option('', "the directory (hf) or file (pth, quantized) to write"),
     rwkvcpp_type=Option('FP32', "format 'rwkvcpp': the data type of its matrices",
                         ('FP32', 'FP16', 'Q8_0', 'Q5_1', 'Q4_0')),
@@ -43,13 +45,16 @@ def main(argv):
     ckpt = load_latest_checkpoint(cfg.out_dir, 'cpu')[0]
     model = model_from_checkpoint(ckpt)
     dest = Path(cfg.dest)
-    if cfg.format in ('pth', 'rwkvcpp') and ckpt['model_type'] != 'rwkv':
-        what = "RWKV's official format" if cfg.format == 'pth' else "rwkv.cpp's format, for RWKV"
+    if cfg.format in ('pth', 'rwkvcpp', 'state') and ckpt['model_type'] != 'rwkv':
+        what = {'pth': "RWKV's official format", 'state': "an RWKV's learned initial state"}.get(
+            cfg.format, "rwkv.cpp's format, for RWKV")
         raise ConfigError(f"format '{cfg.format}' is {what}; this checkpoint is a GPT: use --format=hf or a "
                           f"quantized format")
     try:
         if cfg.format == 'pth':
             interop.save_pth(model, dest, ckpt.get('tokenizer', {'tokenizer': 'gpt2'}))
+        elif cfg.format == 'state':
+            interop.save_state(model, dest)
         elif cfg.format == 'rwkvcpp':
             interop.save_rwkvcpp(model, dest, cfg.rwkvcpp_type, ckpt.get('tokenizer', {'tokenizer': 'gpt2'}))
         elif cfg.format != 'hf':

@@ -291,9 +291,49 @@ def save_pth(model, path, tokenizer=None):
     RWKV-7's layer 0 carries the v0/v1/v2 that RWKV-LM creates there and never uses (at their init values).
     A tokenizer spec (a char vocabulary, say) goes beside it in <name>.tokenizer.json, where load_pretrained finds it:
     a .pth itself holds only tensors."""
+    if model.config.state_tuning:
+        raise ValueError("this model's initial state is learned (state tuning), which an RWKV-LM .pth cannot hold: "
+                         "write it with export.py --format=state (interop.save_state) and use it with the base .pth "
+                         "the tuning started from (sample.py --init_state=...)")
     save_torch(to_rwkv_lm(plain_state_dict(model), model.config), path)
     if tokenizer is not None:
         write_text(tokenizer_sidecar(path), json.dumps(tokenizer))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a learned initial state (state tuning): RWKV-PEFT's blocks.<i>.att.time_state, (H, N, N) per layer
+
+def save_state(model, path):
+    """The learned initial WKV state of a state-tuned RWKV-5/6/7 as a .pth of blocks.<i>.att.time_state (H, N, N),
+    the names RWKV-PEFT gives them, in the layout of the rwkv pip package's state ([key, value] for 5 and 6,
+    [value, key] for 7: model.forward(tokens, state) takes it as each layer's matrix)."""
+    if not model.config.state_tuning:
+        raise ValueError("this model has no learned initial state: train one with train.py --finetune=state")
+    save_torch({f'blocks.{i}.att.time_state': b.att.time_state.detach().float().cpu().clone()
+                for i, b in enumerate(model.blocks)}, path)
+
+
+def load_state(model, path):
+    """Start `model` (RWKV-5/6/7) from the state save_state wrote, in place: each layer's time_state is checked
+    against the model's heads and head size."""
+    state = load_torch_tensors(path)
+    if getattr(model, 'config', None) is None or getattr(model.config, 'version', '4') == '4':
+        raise ValueError(f"{path} is an initial state for RWKV-5/6/7; this model is not one")
+    H, N, L = model.config.n_embd // model.config.head_size, model.config.head_size, model.config.n_layer
+    want = {f'blocks.{i}.att.time_state' for i in range(L)}
+    if set(state) != want:
+        extra, missing = sorted(set(state) - want), sorted(want - set(state))
+        raise ValueError(f"{path} is not a state of this {L}-layer model: missing {missing[:3]}, unexpected "
+                         f"{extra[:3]} (export.py --format=state writes one per model)")
+    bad = next((k for k, v in state.items() if tuple(v.shape) != (H, N, N)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: {bad} has shape {tuple(state[bad].shape)}, this model's heads need {(H, N, N)}: "
+                         f"the state was tuned for another model")
+    model.enable_state_tuning()
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            block.att.time_state.copy_(state[f'blocks.{i}.att.time_state'])
+    return model
 
 
 def tokenizer_sidecar(path):

@@ -33,7 +33,7 @@ References: Peng et al. 2023, "RWKV: Reinventing RNNs for the Transformer Era" (
 """
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -135,6 +135,7 @@ class RWKVConfig:
     n_head: int = 4  # the attention layers' query heads
     attn_window: int = 0  # > 0: an attention layer sees the last attn_window tokens (Mistral); 0 = all before
     attn_kv_heads: int = 0  # grouped-query attention: K/V heads shared by the n_head query heads; 0 = n_head
+    state_tuning: bool = False  # versions 5-7: each layer's initial WKV state is a parameter, att.time_state
 
     @staticmethod
     def rwkv_lm_emb_init(version, learning_rate):
@@ -163,6 +164,9 @@ class RWKVConfig:
                                  f"{self.version}'s heads); set head_size to a divisor of n_embd")
             if self.moe_experts or self.attn_layers:
                 raise ValueError("moe_experts and attn_layers are options of RWKV-4 (version='4') only")
+        elif self.state_tuning:
+            raise ValueError("state tuning learns the initial per-head matrix state of RWKV-5, 5.1, 6 and 7; RWKV-4's "
+                             "state is running sums and a maximum: tune the weights (finetune='full') instead")
         if self.version == '6' and not self.lora_dims:
             self.lora_dims = (32, 64)  # RWKV-v5/src/model.py RWKV_Tmix_x060: D_MIX_LORA, D_DECAY_LORA
         if self.version == '7' and not self.lora_dims:  # RWKV-v7/train_temp/src/model.py: D_DECAY/AAA/MV/GATE_LORA
@@ -553,6 +557,9 @@ class Block(nn.Module):
         else:
             self.att = TIME_MIXES[config.version](config, layer_id)
         self.ffn = (ChannelMix7 if config.version == '7' else ChannelMix)(config, layer_id)
+        if config.state_tuning:  # RWKV-PEFT's state tuning (its RWKV_Tmix_x070_State, x060_State): zeros at first
+            self.att.time_state = nn.Parameter(torch.zeros(config.n_embd // config.head_size, config.head_size,
+                                                           config.head_size))
         # RWKV-v4neo/src/model.py Block.forward: x = drop0(x + att(ln1(x))), x = drop1(x + ffn(ln2(x)))
         self.drop0 = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.drop1 = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
@@ -643,6 +650,17 @@ class RWKV(nn.Module):
         RuntimeError of one line before training starts rather than in its first step."""
         resolve_backend(self.config.wkv_backend, torch.device(device), self.config.wkv_op)
 
+    def enable_state_tuning(self):
+        """Give every layer a learnable initial WKV state (att.time_state, zeros: the model's function is unchanged
+        until it is trained), in place; versions 5-7. train.py --finetune=state trains only these."""
+        if not self.config.state_tuning:
+            RWKVConfig(**{**asdict(self.config), 'state_tuning': True})  # the config's own checks, e.g. RWKV-4
+            self.config.state_tuning = True
+            H, N = self.config.n_embd // self.config.head_size, self.config.head_size
+            for block in self.blocks:
+                block.att.time_state = nn.Parameter(torch.zeros(H, N, N, device=self.emb.weight.device))
+        return self
+
     def get_num_params(self, non_embedding=True):
         """Parameter count; the embedding is a lookup (no FLOPs) and is left out by default."""
         n = sum(p.numel() for p in self.parameters())
@@ -650,13 +668,17 @@ class RWKV(nn.Module):
 
     def initial_state(self, B, device=None):
         """The State of an empty history, slots (n_layer, B, C): pp = -1e38, the rest 0. A hybrid's is a
-        HybridState of that State and an empty KV cache per attention layer. RWKV-5/6/7: a MatrixState of zeros."""
+        HybridState of that State and an empty KV cache per attention layer. RWKV-5/6/7: a MatrixState of zeros, or
+        with state_tuning the learned att.time_state of each layer as its wkv."""
         device = device or self.emb.weight.device
         dtype = torch.promote_types(self.emb.weight.dtype, torch.float32)  # fp32, or fp64 for a fp64 model
         L, C = self.config.n_layer, self.config.n_embd
         if self.config.version != '4':
             N = self.config.head_size
             zeros = torch.zeros(L, B, C, device=device, dtype=dtype)
+            if self.config.state_tuning:  # the learned start, differentiable: train.py's state tuning learns it
+                wkv = torch.stack([b.att.time_state for b in self.blocks]).to(device, dtype)[:, None]
+                return MatrixState(zeros, wkv.repeat(1, B, 1, 1, 1), zeros)
             return MatrixState(zeros, torch.zeros(L, B, C // N, N, N, device=device, dtype=dtype), zeros)
         aa, bb, pp = initial_state(B, C, device, dtype)
         zeros = torch.zeros(L, B, C, device=device, dtype=dtype)

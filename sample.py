@@ -19,7 +19,7 @@ import torch
 from checkpoint import load_latest_checkpoint, model_from_checkpoint
 from configurator import ConfigError, Option, parse_config, run_script
 from hardware import DEVICE, DTYPES, autocast_context, resolve_device, resolve_dtype
-from interop import load_pretrained
+from interop import load_pretrained, load_state
 from tokenizer import get_codec
 
 OPTIONS = dict(
@@ -38,6 +38,8 @@ OPTIONS = dict(
     dtype=Option('auto', "'auto' (bf16 / fp16 on GPUs, fp32 on the CPU), 'float32', 'bfloat16', 'float16'", DTYPES),
     mode=Option('auto', "'auto' (rnn for RWKV, parallel for GPT), 'rnn' or 'parallel'", ('auto', 'rnn', 'parallel')),
     stop_at_eot=Option(False, "stop a sample at <|endoftext|> (BPE tokenizers)"),
+    init_state=Option('', "RWKV-5/6/7: start every sample from this learned initial state (export.py --format=state "
+                          "of a train.py --finetune=state run); '' = the model's own"),
     quantize=Option('', "'' (as loaded), or quantize the weights for CPU inference: int8, q8_0, q5_1, q4_0, int4 "
                         "(quantize.py)", ('', 'int8', 'q8_0', 'q5_1', 'q4_0', 'int4')),
 )
@@ -56,6 +58,11 @@ def main(argv):
         spec = ckpt.get('tokenizer', {'tokenizer': 'gpt2'})
     else:
         model, model_type, spec = load_pretrained(cfg.init_from)
+    if cfg.init_state:
+        try:
+            load_state(model, cfg.init_state)
+        except (OSError, ValueError) as e:
+            raise ConfigError(str(e) if isinstance(e, ValueError) else f"cannot read {cfg.init_state}: {e}") from e
     mode = cfg.mode if cfg.mode != 'auto' else ('rnn' if model_type == 'rwkv' else 'parallel')
     if mode == 'rnn' and model_type != 'rwkv':
         raise ConfigError("mode='rnn' needs an RWKV model; this checkpoint is a GPT: use --mode=parallel")

@@ -89,6 +89,8 @@ OPTIONS = dict(
                      '>= 1'),
     wkv_backend=Option('auto', "rwkv only: the WKV op's implementation: the compiled kernel of the device ('auto'), "
                        "'cpu', 'cuda', or 'torch' (pure PyTorch, the reference)", BACKENDS),
+    finetune=Option('full', "what the run trains: 'full' (every weight) or 'state' (state tuning, RWKV-5/6/7: only "
+                            "each layer's initial WKV state, att.time_state, the weights frozen)", ('full', 'state')),
     rwkv_lr_scale=Option(True, "rwkv only: RWKV-LM's layerwise_lr (time_decay and v7's w0 x2, v4's time_first x3)"),
     attn_layers=Option([], "rwkv only: blocks whose time mix is causal softmax attention (a hybrid), e.g. [3]",
                        '>= 0'),
@@ -166,6 +168,34 @@ def ignored_options(cfg, given):
         ignored += ['head_size'] if cfg.rwkv_version == '4' and 'head_size' in given else []
         ignored += [k for k in ('attn_window', 'attn_kv_heads') if k in given and not cfg.attn_layers]
     return ignored
+
+
+def apply_finetune(model, cfg, checkpoint, given, master):
+    """What the run trains. finetune='state': RWKV-PEFT's state tuning, each layer's initial WKV state learned
+    (model.enable_state_tuning) and every weight frozen. A resumed run keeps its checkpoint's choice."""
+    if checkpoint is not None:
+        theirs = checkpoint.get('config', {}).get('finetune', 'full')
+        if 'finetune' in given and cfg.finetune != theirs:
+            raise ConfigError(f"the checkpoint was trained with finetune={theirs!r} but this run has "
+                              f"finetune={cfg.finetune!r}; resume with it, or start from the exported model in another "
+                              f"--out_dir")
+        cfg.finetune = theirs
+    if cfg.finetune == 'full':
+        return
+    if cfg.model_type != 'rwkv' or model.config.version == '4':
+        what = 'a GPT' if cfg.model_type != 'rwkv' else 'an RWKV-4'
+        raise ConfigError(f"finetune='state' learns the initial matrix state of RWKV-5, 5.1, 6 or 7; this model is "
+                          f"{what}: use finetune='full'")
+    if cfg.fsdp:
+        raise ConfigError("finetune='state' trains a few hundred KB of parameters: plain DDP suffices; drop "
+                          "--fsdp=True")
+    model.enable_state_tuning()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith('.att.time_state'))
+    if master:
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"state tuning: {n:,} parameters trained (each layer's initial state), "
+              f"{sum(p.numel() for p in model.parameters()) - n:,} frozen")
 
 
 def new_model_args(cfg, vocab_size):
@@ -364,6 +394,7 @@ def main(argv):
     # model
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     model, checkpoint = init_model(cfg, given, init, meta, ddir, master)
+    apply_finetune(model, cfg, checkpoint, given, master)
     iter_num, best_val_loss = (checkpoint['iter_num'], checkpoint['best_val_loss']) if checkpoint else (0, 1e9)
     sample_len = cfg.ctx_len or cfg.block_size  # after init_model: a resumed run's block_size is the checkpoint's
     if sample_len > cfg.block_size and cfg.model_type != 'rwkv':

@@ -1,0 +1,188 @@
+"""Fine-tuning: state tuning of RWKV-5/6/7 (each layer's initial WKV state learned, the weights frozen). Its
+gradient against one full-length backward (float64, also through segments), the state file against the rwkv pip
+package started from it, train.py / export.py / sample.py end to end, and the refusals."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import interop
+from bptt import forward_backward
+from configurator import ConfigError
+from helpers import args, eval_lines, one_line_error, run, tiny_rwkv
+from model_rwkv import RWKVConfig
+
+VERSIONS = ['5', '5.1', '6', '7']
+
+
+def tuned(version, dtype=torch.float64, seed=0):
+    """A tiny random model of `version` (tiny_rwkv's weights of that seed) with a random learned initial state."""
+    model = tiny_rwkv(dtype, seed=seed, version=version, head_size=4, state_tuning=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.att.time_state.copy_(torch.randn(block.att.time_state.shape, generator=g))
+    return model
+
+
+def tokens(B, T, V=37, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize('version', VERSIONS)
+def test_state_gradient_is_the_full_length_gradient_and_reaches_only_the_state(version):
+    # what train.py --finetune=state computes, whole or in segments of 8 (bptt.py), against autograd through one
+    # full-length forward; with the weights frozen nothing else gets a gradient
+    model = tuned(version).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith('.att.time_state'))
+    idx, targets = tokens(3, 29), tokens(3, 29, seed=1)
+    _, loss = model(idx, targets)
+    want = torch.autograd.grad(loss, [b.att.time_state for b in model.blocks])
+    assert all(g.abs().max() > 0 for g in want)
+    for block_size in (29, 8):
+        model.zero_grad(set_to_none=True)
+        forward_backward(model, model.initial_state(3), idx, targets, block_size=block_size)
+        for block, w in zip(model.blocks, want):
+            err = ((block.att.time_state.grad - w).abs().max() / w.abs().max()).item()
+            assert err <= 1e-10, (block_size, err)
+        assert all(p.grad is None for n, p in model.named_parameters() if not n.endswith('.att.time_state'))
+
+
+@pytest.mark.parametrize('version', ['5', '7'])
+def test_a_zero_state_is_the_base_model_and_the_state_file_round_trips(version, tmp_path):
+    base = tiny_rwkv(torch.float64, version=version, head_size=4).eval()
+    idx = tokens(2, 11)
+    with torch.no_grad():
+        want = base.prefill(idx)[0]
+        base.enable_state_tuning()  # zeros: the same function
+        assert torch.equal(base.prefill(idx)[0], want)
+        model = tuned(version).eval()
+        interop.save_state(model, tmp_path / 'state.pth')
+        assert sorted(torch.load(tmp_path / 'state.pth')) == [f'blocks.{i}.att.time_state' for i in range(3)]
+        other = tuned(version).eval()  # the same weights (seed 0), its own state overwritten by the file's
+        for b in other.blocks:
+            b.att.time_state.zero_()
+        interop.load_state(other, tmp_path / 'state.pth')
+        assert torch.equal(other.prefill(idx)[0], model.prefill(idx)[0])
+        assert torch.equal(model.generate(idx, 5, temperature=0), other.generate(idx, 5, temperature=0))
+
+
+def test_state_files_and_options_that_cannot_work_are_one_line(tmp_path):
+    model = tuned('7').eval()
+    interop.save_state(model, tmp_path / 'state.pth')
+    with pytest.raises(ValueError, match=r"has shape \(3, 4, 4\), this model's heads need \(2, 6, 6\)"):
+        interop.load_state(tiny_rwkv(torch.float64, version='7', head_size=6), tmp_path / 'state.pth')
+    with pytest.raises(ValueError, match=r"not a state of this 2-layer model"):
+        interop.load_state(tiny_rwkv(torch.float64, version='7', head_size=4, n_layer=2), tmp_path / 'state.pth')
+    with pytest.raises(ValueError, match='an initial state for RWKV-5/6/7; this model is not one'):
+        interop.load_state(tiny_rwkv(torch.float64), tmp_path / 'state.pth')
+    with pytest.raises(ValueError, match='has no learned initial state'):
+        interop.save_state(tiny_rwkv(torch.float64, version='7', head_size=4), tmp_path / 'x.pth')
+    with pytest.raises(ValueError, match='an RWKV-LM .pth cannot hold'):
+        interop.save_pth(model, tmp_path / 'm.pth')
+    with pytest.raises(ValueError, match="RWKV-4's state is running sums"):
+        RWKVConfig(state_tuning=True)
+
+
+PIP = '''
+import os, sys, torch
+version, idx, pth, state_file, out = sys.argv[1], [int(t) for t in sys.argv[2].split(',')], *sys.argv[3:]
+os.environ.update(RWKV_JIT_ON='0', RWKV_CUDA_ON='0', RWKV_V7_ON='1' if version == '7' else '0')
+import rwkv.model
+model = rwkv.model.RWKV(model=pth[:-len('.pth')], strategy='cpu fp32', **({} if version == '7' else {'verbose': False}))
+learned = torch.load(state_file)
+C = model.args.n_embd
+state = []
+for i in range(model.args.n_layer):  # the package's state per layer: x_att, the matrix, x_ffn
+    state += [torch.zeros(C), learned[f'blocks.{i}.att.time_state'].clone(), torch.zeros(C)]
+logits, _ = model.forward(idx, state)
+torch.save(logits, out)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('version', VERSIONS)
+def test_rwkv_pip_package_started_from_our_state_file_agrees(version, tmp_path):
+    # the state file's layout is the rwkv package's: its model, started from our learned state, scores a prompt as
+    # our state-tuned model does
+    model = tuned(version, torch.float32).eval()
+    base = tiny_rwkv(torch.float32, version=version, head_size=4).eval()  # seed 0: the same weights, no state
+    base.save_pth(tmp_path / 'base.pth')
+    interop.save_state(model, tmp_path / 'state.pth')
+    idx = tokens(1, 2)[0].tolist()  # short: random tiny models forget their start within a few tokens
+    r = subprocess.run([sys.executable, '-c', PIP, version, ','.join(map(str, idx)), str(tmp_path / 'base.pth'),
+                        str(tmp_path / 'state.pth'), str(tmp_path / 'logits.pt')], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = torch.load(tmp_path / 'logits.pt')
+    with torch.no_grad():
+        got = model.prefill(torch.tensor([idx]))[0][0, -1]
+        untuned = base.prefill(torch.tensor([idx]))[0][0, -1]
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4
+    assert (untuned - want).abs().max() > 1e-2  # the state matters: without it the logits differ
+
+
+def markov_dataset(path, seed, n=40000):
+    """A char dataset of a random Markov chain over the conftest dataset's 10 characters (another seed, another
+    chain: a new task for a model trained on the first)."""
+    rng = np.random.default_rng(seed)
+    itos = list('abcdefgh \n')
+    trans = rng.dirichlet(np.full(len(itos), 0.2), size=len(itos))
+    ids = [0]
+    for _ in range(n):
+        ids.append(rng.choice(len(itos), p=trans[ids[-1]]))
+    ids = np.array(ids, dtype=np.uint16)
+    path.mkdir(parents=True, exist_ok=True)
+    ids[:36000].tofile(path / 'train.bin')
+    ids[36000:].tofile(path / 'val.bin')
+    import json
+    (path / 'meta.json').write_text(json.dumps({'tokenizer': 'char', 'vocab_size': len(itos), 'itos': itos}))
+    return path
+
+
+@pytest.mark.slow
+def test_train_py_state_tuning_end_to_end(dataset, tmp_path):
+    # a base RWKV-7 trained on one chain, exported; state tuning on another chain lowers the val loss with every
+    # weight unchanged bit for bit; its exported state runs the base .pth to the checkpoint's own text; resume keeps
+    # finetune='state'; the refusals are one line
+    v7 = ['--rwkv_version=7', '--head_size=8']
+    r = run('train.py', *args('rwkv', dataset, tmp_path / 'base', 40, *v7))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert run('export.py', f'--out_dir={tmp_path / "base"}', '--format=pth',
+               f'--dest={tmp_path / "base.pth"}').returncode == 0
+    task = markov_dataset(tmp_path / 'task', seed=7)
+    tune = [*args('rwkv', task, tmp_path / 'tuned', 30, *v7, '--eval_interval=15', '--eval_iters=10'),
+            f'--init_from={tmp_path / "base.pth"}', '--finetune=state', '--learning_rate=0.05', '--warmup_iters=0']
+    r = run('train.py', *tune)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'state tuning: 512 parameters trained' in r.stdout  # 2 layers x 4 heads x 8 x 8
+    evals = eval_lines(r.stdout)
+    assert [s for s, _, _ in evals] == [0, 15, 30] and evals[-1][2] < evals[0][2] - 0.01, evals
+    base = torch.load(tmp_path / 'base' / 'ckpt.pt', weights_only=True)['model']
+    after = torch.load(tmp_path / 'tuned' / 'ckpt.pt', weights_only=True)
+    assert after['model_args']['state_tuning'] and after['config']['finetune'] == 'state'
+    assert all(torch.equal(after['model'][k], v) for k, v in base.items())
+    # the state alone, on the base .pth: the same text as the checkpoint
+    assert run('export.py', f'--out_dir={tmp_path / "tuned"}', '--format=state',
+               f'--dest={tmp_path / "state.pth"}').returncode == 0
+    sample = ['--start=abc', '--max_new_tokens=40', '--temperature=0', '--device=cpu']
+    a = run('sample.py', f'--out_dir={tmp_path / "tuned"}', *sample)
+    b = run('sample.py', f'--init_from={tmp_path / "base.pth"}', f'--init_state={tmp_path / "state.pth"}', *sample)
+    plain = run('sample.py', f'--init_from={tmp_path / "base.pth"}', *sample)
+    assert a.returncode == b.returncode == plain.returncode == 0, a.stderr + b.stderr + plain.stderr
+    assert a.stdout == b.stdout
+    # resume: the checkpoint's finetune is kept; another one given is refused
+    r = run('train.py', *args('rwkv', task, tmp_path / 'tuned', 32, *v7), '--init_from=resume')
+    assert r.returncode == 0 and 'state tuning:' in r.stdout, r.stderr[-2000:]
+    one_line_error(run('train.py', *args('rwkv', task, tmp_path / 'tuned', 34, *v7), '--init_from=resume',
+                       '--finetune=full'), 'train.py', "was trained with finetune='state'")
+    one_line_error(run('export.py', f'--out_dir={tmp_path / "tuned"}', '--format=pth', f'--dest={tmp_path / "x.pth"}'),
+                   'export.py', 'an RWKV-LM .pth cannot hold')
+    one_line_error(run('train.py', *args('gpt', task, tmp_path / 'g', 2), '--finetune=state'), 'train.py',
+                   "finetune='state' learns the initial matrix state of RWKV-5, 5.1, 6 or 7; this model is a GPT")
+    one_line_error(run('sample.py', f'--init_from={tmp_path / "base.pth"}', f'--init_state={tmp_path / "base.pth"}',
+                       *sample), 'sample.py', 'is not a state of this 2-layer model')
