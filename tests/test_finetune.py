@@ -11,7 +11,6 @@ import torch
 
 import interop
 from bptt import forward_backward
-from configurator import ConfigError
 from helpers import args, eval_lines, one_line_error, run, tiny_rwkv
 from model_rwkv import RWKVConfig
 
