@@ -194,7 +194,11 @@ def build_model(model_type, model_args):
 
 
 def model_from_checkpoint(ckpt):
+    """The model of a training checkpoint, with its LoRA adapters (lora.py) when the run trained them."""
     model = build_model(ckpt['model_type'], ckpt['model_args'])
+    if ckpt.get('lora'):
+        from lora import add_lora
+        add_lora(model, **ckpt['lora'])
     prefix = '_orig_mod.'  # left by torch.compile
     model.load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in ckpt['model'].items()})
     return model

@@ -4,6 +4,7 @@ Convert a training checkpoint (out*/ckpt.pt) to a format the rest of the ecosyst
 $ python export.py --out_dir=out-shakespeare-char --format=hf --dest=rwkv-shakespeare   # transformers directory
 $ python export.py --out_dir=out-shakespeare-char --format=pth --dest=rwkv-shakespeare.pth   # RWKV-LM / rwkv pip
 
+A checkpoint of a LoRA run (train.py --finetune=lora) is exported with its adapters merged into the weights.
 format 'hf': config.json + model.safetensors, loaded by transformers as RwkvForCausalLM or GPT2LMHeadModel, and the
   tokenizer as AutoTokenizer loads it (tokenizer.json, tokenizer_config.json) and as sample.py reads it back.
 format 'pth': RWKV only, the official .pth of BlinkDL's RWKV-LM (any version), which the rwkv pip package runs, and
@@ -23,6 +24,7 @@ import interop
 from checkpoint import load_latest_checkpoint, model_from_checkpoint
 from configurator import ConfigError, Option, parse_config, run_script
 from files import WriteError, cause
+from lora import merge_lora
 
 OPTIONS = dict(
     out_dir=Option('out', "the directory with the checkpoints (the newest intact one is exported)"),
@@ -43,7 +45,7 @@ def main(argv):
     if not cfg.dest:
         raise ConfigError("say where to write with --dest=PATH")
     ckpt = load_latest_checkpoint(cfg.out_dir, 'cpu')[0]
-    model = model_from_checkpoint(ckpt)
+    model = merge_lora(model_from_checkpoint(ckpt))  # a LoRA run's adapters folded into plain weights
     dest = Path(cfg.dest)
     if cfg.format in ('pth', 'rwkvcpp', 'state') and ckpt['model_type'] != 'rwkv':
         what = {'pth': "RWKV's official format", 'state': "an RWKV's learned initial state"}.get(

@@ -162,12 +162,13 @@ class GPT(nn.Module):
             loss = None
         return logits, loss
 
-    def prefill(self, idx, cache=None):
-        """Run a chunk idx (B, T) after the positions held in `cache` (None = none). Returns logits (B, T, V) and the
-        KV cache: per layer a KVCache (attention.py) of (B, n_kv_heads, S, head_size) keys and values, S every
-        position so far, or attn_window slots of a ring buffer."""
+    def prefill(self, idx, cache=None, last_only=False):
+        """Run a chunk idx (B, T) after the positions held in `cache` (None = none). Returns logits (B, T, V) (with
+        last_only (B, 1, V), the last position's) and the KV cache: per layer a KVCache (attention.py) of
+        (B, n_kv_heads, S, head_size) keys and values, S every position so far, or attn_window slots of a ring
+        buffer."""
         x, cache = self._body(idx, cache)
-        return self.lm_head(x), cache
+        return self.lm_head(x[:, -1:] if last_only else x), cache
 
     def step(self, token, cache):
         """One token per sequence, token (B,), after the positions in `cache`. Returns logits (B, V) and the cache."""
@@ -234,7 +235,7 @@ class GPT(nn.Module):
         on_token(id) is called with each new token of the first sequence; generation ends early once every
         sequence has produced stop_token."""
         bs = self.config.block_size
-        logits, cache = self.prefill(idx[:, -bs:])
+        logits, cache = self.prefill(idx[:, -bs:], last_only=True)
 
         def advance(idx):
             nonlocal cache

@@ -746,11 +746,12 @@ class RWKV(nn.Module):
         logits = self.head(x)  # (B, T, V)
         return logits, self.loss(logits, targets)
 
-    def prefill(self, idx, state=None):
+    def prefill(self, idx, state=None, last_only=False):
         """Parallel mode over a chunk idx (B, T), starting from `state` (None = empty history).
-        Returns logits (B, T, V) and the state after the chunk."""
+        Returns logits (B, T, V), or with last_only (B, 1, V) for the last position only (generation needs no more,
+        and the head is the largest matrix), and the state after the chunk."""
         x, state = self._body(self.emb(idx), state, use_cache=True)
-        return self.head(x), state
+        return self.head(x[:, -1:] if last_only else x), state
 
     def step(self, token, state=None):
         """RNN mode: one token per sequence, token (B,). Returns logits (B, V) and the new state. The same blocks as
@@ -852,7 +853,7 @@ class RWKV(nn.Module):
         if mode not in ('rnn', 'parallel'):
             raise ValueError(f"mode must be 'rnn' or 'parallel', got {mode!r}")
         if mode == 'rnn':
-            logits, state = self.prefill(idx)
+            logits, state = self.prefill(idx, last_only=True)
 
             def advance(idx):
                 nonlocal state

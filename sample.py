@@ -20,6 +20,7 @@ from checkpoint import load_latest_checkpoint, model_from_checkpoint
 from configurator import ConfigError, Option, parse_config, run_script
 from hardware import DEVICE, DTYPES, autocast_context, resolve_device, resolve_dtype
 from interop import load_pretrained, load_state
+from lora import merge_lora
 from tokenizer import get_codec
 
 OPTIONS = dict(
@@ -54,7 +55,7 @@ def main(argv):
 
     if cfg.init_from == 'resume':
         ckpt = load_latest_checkpoint(cfg.out_dir, device)[0]
-        model, model_type = model_from_checkpoint(ckpt), ckpt['model_type']
+        model, model_type = merge_lora(model_from_checkpoint(ckpt)), ckpt['model_type']  # LoRA: folded in
         spec = ckpt.get('tokenizer', {'tokenizer': 'gpt2'})
     else:
         model, model_type, spec = load_pretrained(cfg.init_from)

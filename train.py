@@ -34,6 +34,7 @@ from configurator import ConfigError, Option, parse_config
 from hardware import (DEVICE, DTYPES, autocast_context, measure_peak_flops, resolve_device, resolve_dtype,
                       start_distributed)
 from interop import load_pretrained
+from lora import add_lora
 from model_rwkv import VERSIONS, RWKVConfig
 from tokenizer import read_meta
 from wkv_cuda import BACKENDS
@@ -89,8 +90,14 @@ OPTIONS = dict(
                      '>= 1'),
     wkv_backend=Option('auto', "rwkv only: the WKV op's implementation: the compiled kernel of the device ('auto'), "
                        "'cpu', 'cuda', or 'torch' (pure PyTorch, the reference)", BACKENDS),
-    finetune=Option('full', "what the run trains: 'full' (every weight) or 'state' (state tuning, RWKV-5/6/7: only "
-                            "each layer's initial WKV state, att.time_state, the weights frozen)", ('full', 'state')),
+    finetune=Option('full', "what the run trains: 'full' (every weight), 'lora' (low-rank adapters on the blocks' "
+                            "matrices, lora.py; the rest frozen) or 'state' (state tuning, RWKV-5/6/7: only each "
+                            "layer's initial WKV state, att.time_state)", ('full', 'lora', 'state')),
+    lora_r=Option(8, "finetune='lora': the adapters' rank", '>= 1'),
+    lora_alpha=Option(16.0, "finetune='lora': the update is scaled by lora_alpha / lora_r", '> 0'),
+    lora_dropout=Option(0.0, "finetune='lora': dropout on the adapters' input", '[0, 1)'),
+    lora_targets=Option([], "finetune='lora': regexes of the block matrices that get adapters, e.g. ['att', "
+                            "'ffn.key']; [] = every Linear in the blocks (not the head)"),
     rwkv_lr_scale=Option(True, "rwkv only: RWKV-LM's layerwise_lr (time_decay and v7's w0 x2, v4's time_first x3)"),
     attn_layers=Option([], "rwkv only: blocks whose time mix is causal softmax attention (a hybrid), e.g. [3]",
                        '>= 0'),
@@ -171,8 +178,10 @@ def ignored_options(cfg, given):
 
 
 def apply_finetune(model, cfg, checkpoint, given, master):
-    """What the run trains. finetune='state': RWKV-PEFT's state tuning, each layer's initial WKV state learned
-    (model.enable_state_tuning) and every weight frozen. A resumed run keeps its checkpoint's choice."""
+    """What the run trains, and the LoRA settings its checkpoints record (None without adapters). finetune='lora':
+    adapters on the blocks' matrices (lora.py), every other parameter frozen; 'state': RWKV-PEFT's state tuning, each
+    layer's initial WKV state learned (model.enable_state_tuning), every weight frozen. A resumed run keeps its
+    checkpoint's choice (model_from_checkpoint rebuilt its adapters)."""
     if checkpoint is not None:
         theirs = checkpoint.get('config', {}).get('finetune', 'full')
         if 'finetune' in given and cfg.finetune != theirs:
@@ -181,21 +190,32 @@ def apply_finetune(model, cfg, checkpoint, given, master):
                               f"--out_dir")
         cfg.finetune = theirs
     if cfg.finetune == 'full':
-        return
-    if cfg.model_type != 'rwkv' or model.config.version == '4':
-        what = 'a GPT' if cfg.model_type != 'rwkv' else 'an RWKV-4'
-        raise ConfigError(f"finetune='state' learns the initial matrix state of RWKV-5, 5.1, 6 or 7; this model is "
-                          f"{what}: use finetune='full'")
+        return None
     if cfg.fsdp:
-        raise ConfigError("finetune='state' trains a few hundred KB of parameters: plain DDP suffices; drop "
-                          "--fsdp=True")
-    model.enable_state_tuning()
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith('.att.time_state'))
+        raise ConfigError(f"finetune={cfg.finetune!r} trains a small share of the parameters: plain DDP suffices; drop "
+                          f"--fsdp=True")
+    if cfg.finetune == 'lora':
+        lora = (checkpoint or {}).get('lora') or dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                                      targets=list(cfg.lora_targets))
+        if checkpoint is None:
+            try:
+                add_lora(model, **lora)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+        what = f"LoRA r={lora['r']} alpha={lora['alpha']:g}"
+    else:
+        if cfg.model_type != 'rwkv' or model.config.version == '4':
+            kind = 'a GPT' if cfg.model_type != 'rwkv' else 'an RWKV-4'
+            raise ConfigError(f"finetune='state' learns the initial matrix state of RWKV-5, 5.1, 6 or 7; this model is "
+                              f"{kind}: use finetune='full' or 'lora'")
+        model.enable_state_tuning()
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith('.att.time_state'))
+        lora, what = None, "state tuning"
     if master:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"state tuning: {n:,} parameters trained (each layer's initial state), "
-              f"{sum(p.numel() for p in model.parameters()) - n:,} frozen")
+        print(f"{what}: {n:,} parameters trained, {sum(p.numel() for p in model.parameters()) - n:,} frozen")
+    return lora
 
 
 def new_model_args(cfg, vocab_size):
@@ -336,7 +356,8 @@ def checkpoint_now(raw_model, optimizer, scaler, cfg, run, iter_num, best_val_lo
     ckpt = {'model': model_state, 'optimizer': optim_state, 'scaler': scaler.state_dict(),
             'model_type': cfg.model_type, 'model_args': asdict(raw_model.config), 'iter_num': iter_num,
             'best_val_loss': best_val_loss, 'config': vars(cfg), 'tokenizer': run['tokenizer'], 'rng': rngs,
-            'world_size': run['world_size'], 'run_id': run['run_id'], 'data': run['data']}
+            'world_size': run['world_size'], 'run_id': run['run_id'], 'data': run['data'],
+            'lora': run['lora']}
     try:
         save_checkpoint(ckpt, cfg.out_dir, cfg.keep_last)
     except OSError as e:
@@ -394,7 +415,7 @@ def main(argv):
     # model
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     model, checkpoint = init_model(cfg, given, init, meta, ddir, master)
-    apply_finetune(model, cfg, checkpoint, given, master)
+    lora = apply_finetune(model, cfg, checkpoint, given, master)
     iter_num, best_val_loss = (checkpoint['iter_num'], checkpoint['best_val_loss']) if checkpoint else (0, 1e9)
     sample_len = cfg.ctx_len or cfg.block_size  # after init_model: a resumed run's block_size is the checkpoint's
     if sample_len > cfg.block_size and cfg.model_type != 'rwkv':
@@ -414,7 +435,7 @@ def main(argv):
     tokens_per_iter = grad_accum * world_size * cfg.batch_size * sample_len
     run_id = (checkpoint or {}).get('run_id') or new_run_id()  # a resumed run keeps its id (older checkpoints had none)
     run = dict(device=device, rank=rank, world_size=world_size, tokenizer=tokenizer, run_id=run_id,
-               data=data_fingerprint(ddir / 'train.bin'))
+               data=data_fingerprint(ddir / 'train.bin'), lora=lora)
     if master:
         print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} x {grad_accum} x {cfg.batch_size} x "
               f"{sample_len}); device {device}, dtype {dtype}")

@@ -11,7 +11,7 @@ import torch
 
 import interop
 from bptt import forward_backward
-from helpers import args, eval_lines, one_line_error, run, tiny_rwkv
+from helpers import args, eval_lines, one_line_error, run, tiny_gpt, tiny_rwkv
 from model_rwkv import RWKVConfig
 
 VERSIONS = ['5', '5.1', '6', '7']
@@ -185,3 +185,127 @@ def test_train_py_state_tuning_end_to_end(dataset, tmp_path):
                    "finetune='state' learns the initial matrix state of RWKV-5, 5.1, 6 or 7; this model is a GPT")
     one_line_error(run('sample.py', f'--init_from={tmp_path / "base.pth"}', f'--init_state={tmp_path / "base.pth"}',
                        *sample), 'sample.py', 'is not a state of this 2-layer model')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA
+
+def with_random_adapters(model, seed=3, **kw):
+    """model with adapters (lora.add_lora) whose B is random too, so that they change the function."""
+    from lora import LoRALinear, add_lora
+    add_lora(model, **{'r': 4, 'alpha': 8.0, **kw})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(0.2 * torch.randn(m.lora_B.shape, generator=g))
+    return model
+
+
+MAKERS = {'rwkv4': lambda: tiny_rwkv(torch.float64, n_embd=16), 'rwkv7': lambda: tuned_free('7'),
+          'gpt': lambda: tiny_gpt(vocab_size=37).double()}
+
+
+def tuned_free(version):
+    return tiny_rwkv(torch.float64, version=version, head_size=4)
+
+
+@pytest.mark.parametrize('kind', MAKERS)
+def test_lora_starts_as_the_base_trains_only_adapters_and_merges_exactly(kind):
+    import copy
+    from lora import add_lora, merge_lora
+    base = MAKERS[kind]().eval()
+    model = copy.deepcopy(base)
+    names = add_lora(model, r=4, alpha=8.0)
+    assert names and all('head' not in n for n in names)
+    idx = tokens(2, 11)
+    with torch.no_grad():
+        assert torch.equal(model(idx, idx)[0], base(idx, idx)[0])  # B = 0: the base model exactly
+    model = with_random_adapters(copy.deepcopy(base))
+    model.train()
+    _, loss = model(idx, idx)
+    loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(n.endswith(('lora_A', 'lora_B')) for n in trained)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
+    model.eval()
+    with torch.no_grad():
+        want = model(idx, idx)[0]
+        merged = merge_lora(copy.deepcopy(model))
+        assert not any('lora' in n for n, _ in merged.named_parameters())
+        assert set(merged.state_dict()) == set(base.state_dict())
+        got = merged(idx, idx)[0]
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-10  # float64
+    assert (want - base(idx, idx)[0]).abs().max() > 1e-3
+
+
+def test_lora_refusals_are_one_line():
+    from lora import add_lora
+    with pytest.raises(ValueError, match='LoRA trains on the float model'):
+        add_lora(tiny_rwkv(torch.float32, n_embd=32).quantize_('int8'), r=4, alpha=8.0)
+    with pytest.raises(ValueError, match=r"lora_targets=\['nothing'\] match none"):
+        add_lora(tiny_rwkv(torch.float32), r=4, alpha=8.0, targets=['nothing'])
+    assert len(__import__('lora').lora_names(tiny_rwkv(torch.float32), ['att.key'])) == 3  # one per layer
+
+
+MERGED_PIP = '''
+import os, sys, torch
+version, idx, pth, out = sys.argv[1], [int(t) for t in sys.argv[2].split(',')], sys.argv[3], sys.argv[4]
+os.environ.update(RWKV_JIT_ON='0', RWKV_CUDA_ON='0', RWKV_V7_ON='1' if version == '7' else '0')
+import rwkv.model
+model = rwkv.model.RWKV(model=pth[:-len('.pth')], strategy='cpu fp32', **({} if version == '7' else {'verbose': False}))
+torch.save(model.forward(idx, None)[0], out)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('version', ['4', '5', '6', '7'])
+def test_rwkv_pip_package_reads_the_merged_lora_pth(version, tmp_path):
+    # adapters merged and written as RWKV-LM's .pth: the rwkv pip package scores a prompt as our unmerged model does
+    from lora import merge_lora
+    kw = {} if version == '4' else {'version': version, 'head_size': 4}
+    model = with_random_adapters(tiny_rwkv(torch.float32, **kw)).eval()
+    idx = tokens(1, 13)[0].tolist()
+    with torch.no_grad():
+        want = model.prefill(torch.tensor([idx]))[0][0, -1]
+    merge_lora(model).save_pth(tmp_path / 'merged.pth')
+    r = subprocess.run([sys.executable, '-c', MERGED_PIP, version, ','.join(map(str, idx)),
+                        str(tmp_path / 'merged.pth'), str(tmp_path / 'logits.pt')], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(tmp_path / 'logits.pt')
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_train_py_lora_end_to_end(dataset, tmp_path):
+    # LoRA from an exported base .pth on another chain: the val loss falls, only the adapters change (every base
+    # weight bit for bit), resume rebuilds the adapters, and the exported .pth (adapters merged) samples the
+    # checkpoint's own text
+    r = run('train.py', *args('rwkv', dataset, tmp_path / 'base', 40))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert run('export.py', f'--out_dir={tmp_path / "base"}', '--format=pth',
+               f'--dest={tmp_path / "base.pth"}').returncode == 0
+    task = markov_dataset(tmp_path / 'task', seed=7)
+    tune = [*args('rwkv', task, tmp_path / 'lora', 30, '--eval_interval=15', '--eval_iters=10'),
+            f'--init_from={tmp_path / "base.pth"}', '--finetune=lora', '--lora_r=4', '--warmup_iters=0']
+    r = run('train.py', *tune)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'LoRA r=4 alpha=16:' in r.stdout
+    evals = eval_lines(r.stdout)
+    assert [s for s, _, _ in evals] == [0, 15, 30] and evals[-1][2] < evals[0][2] - 0.05, evals
+    base = torch.load(tmp_path / 'base' / 'ckpt.pt', weights_only=True)['model']
+    after = torch.load(tmp_path / 'lora' / 'ckpt.pt', weights_only=True)
+    assert after['lora'] == {'r': 4, 'alpha': 16.0, 'dropout': 0.0, 'targets': []}
+    for k, v in after['model'].items():
+        plain = k.replace('.base.', '.')
+        assert k.endswith(('lora_A', 'lora_B')) or torch.equal(v, base[plain]), k
+    r = run('train.py', *args('rwkv', task, tmp_path / 'lora', 32), '--init_from=resume')
+    assert r.returncode == 0 and 'LoRA r=4' in r.stdout, r.stderr[-2000:]
+    assert run('export.py', f'--out_dir={tmp_path / "lora"}', '--format=pth',
+               f'--dest={tmp_path / "merged.pth"}').returncode == 0
+    sample = ['--start=abc', '--max_new_tokens=40', '--temperature=0', '--device=cpu']
+    a = run('sample.py', f'--out_dir={tmp_path / "lora"}', *sample)
+    b = run('sample.py', f'--init_from={tmp_path / "merged.pth"}', *sample)
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout

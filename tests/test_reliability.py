@@ -298,3 +298,36 @@ def test_failing_kernel_build_is_one_line(dataset, tmp_path):
     one_line_error(r, 'train.py', "wkv_backend='cpu': the kernel failed to build:")
     assert 'hint: pip install ninja and make sure a C++ compiler' in r.stderr
     assert not list((tmp_path / 'out').glob('ckpt*'))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_command_on_one_machine_matches_one_process(dataset, tmp_path):
+    # the README's multi-node line as far as one machine allows: two torchrun agents, --nnodes=2 --node_rank=0/1,
+    # c10d rendezvous at one address, one CPU process each (gloo); the same losses as one process running both
+    # micro-steps, and the restart flag accepted
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+    common = ['--gradient_accumulation_steps=2']
+    one = run('train.py', *args('rwkv', dataset, tmp_path / 'one', 6, *common))
+    assert one.returncode == 0, one.stderr[-2000:]
+    endpoint = f'127.0.0.1:{free_port()}'
+    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1',
+                               f'--node_rank={rank}', '--rdzv_backend=c10d', f'--rdzv_endpoint={endpoint}',
+                               '--max-restarts=3', str(REPO / 'train.py'),
+                               *args('rwkv', dataset, tmp_path / f'node{rank}', 6, *common), '--init_from=auto'],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+             for rank in (0, 1)]
+    watchdog = threading.Timer(600, lambda: [p.kill() for p in nodes])
+    watchdog.start()
+    outs = [p.communicate() for p in nodes]
+    watchdog.cancel()
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    got, want = loss_lines(outs[0][0] + outs[1][0]), loss_lines(one.stdout)
+    assert sorted(got) == sorted(want) == list(range(6))
+    for i in want:
+        assert got[i] == pytest.approx(want[i], rel=1e-5), i
