@@ -165,3 +165,16 @@ def test_benchmarks_take_the_rwkv_version(version, tmp_path):
                  '--block_size=16', '--batch_size=2', '--iters=1', '--warmup=1', '--device=cpu', '--compile=[False]',
                  '--transformers=False', f'--rwkv_version={version}', f'--head_size={N}', cwd=tmp_path)
     assert f'rwkv = RWKV-{version:g} (head_size {N})' in out and [r[0] for r in table(out, 'model')] == ['gpt', 'rwkv']
+
+
+def test_finetune_benchmark(dataset, tmp_path):
+    from helpers import args, run
+    r = run('train.py', *args('rwkv', dataset, tmp_path / 'base', 2, '--rwkv_version=7', '--head_size=8'))
+    assert r.returncode == 0, r.stderr
+    out = script('benchmarks/bench_finetune.py', f'--base={tmp_path / "base"}', '--task=["README.md"]',
+                 '--max_iters=2', '--eval_iters=1', '--block_size=32', '--batch_size=4', cwd=tmp_path)
+    rows = {r[0]: r for r in table(out, 'method')}
+    assert list(rows) == ['full', 'lora', 'state']
+    share = {m: float(r[2].rstrip('%')) for m, r in rows.items()}
+    assert share['full'] == 100 and share['state'] < share['lora'] < 100
+    assert rows['full'][8] == '100%'
