@@ -140,7 +140,8 @@ def test_quant_benchmark(dataset, tmp_path):
                                   'data/tinystories/prepare.py', 'assets/make_animations.py',
                                   'benchmarks/bench_infctx.py', 'benchmarks/bench_long_range.py',
                                   'benchmarks/bench_options.py', 'benchmarks/bench_quant.py',
-                                  'benchmarks/bench_versions.py', 'benchmarks/bench_gpu.py'])
+                                  'benchmarks/bench_finetune.py', 'benchmarks/bench_versions.py',
+                                  'benchmarks/bench_gpu.py'])
 def test_help_documents_every_option(name, tmp_path, monkeypatch):
     out = script(name, '--help', cwd=tmp_path)
     monkeypatch.setattr(sys, 'path', list(sys.path))  # the data scripts put the repository root on it
