@@ -17,7 +17,7 @@ bptt='truncated' stops the gradient at every boundary (each segment learns from 
 carried forward as a constant: RWKV-infctx-trainer's bptt_truncated_learning); bptt_range=k lets only the last k
 segments learn, the earlier ones only build the state (its bptt_learning_range).
 
-The model is called as model(idx, targets, state=state, n_tokens=B*T) -> (loss, new state) (model_rwkv.py); a model
+The model is called as model(idx, targets, state=state, n_tokens=B*T) -> (new state, loss) (model_rwkv.py); a model
 with another kind of state only has to return it as a tuple of tensors.
 """
 from contextlib import nullcontext
@@ -56,7 +56,7 @@ def forward_backward(model, state, idx, targets, block_size, bptt='full', bptt_r
     with torch.no_grad():
         for i, (lo, hi) in enumerate(bounds[:-1]):
             with autocast:
-                loss, s = model(idx[:, lo:hi], targets[:, lo:hi], state=states[-1], n_tokens=n_tokens)
+                s, loss = model(idx[:, lo:hi], targets[:, lo:hi], state=states[-1], n_tokens=n_tokens)
             states.append(s)
             if i < first_learning:
                 total = total + loss
@@ -71,7 +71,7 @@ def forward_backward(model, state, idx, targets, block_size, bptt='full', bptt_r
             state_in = like(state, [s.detach().requires_grad_(carry) for s in states[i]])
         with sync(i == first_learning):
             with autocast:
-                loss, state_out = model(idx[:, lo:hi], targets[:, lo:hi], state=state_in, n_tokens=n_tokens)
+                state_out, loss = model(idx[:, lo:hi], targets[:, lo:hi], state=state_in, n_tokens=n_tokens)
             outputs, grads = [scale(loss)], [None]
             if grad_out is not None:
                 pairs = [(s, g) for s, g in zip(state_out, grad_out) if s.requires_grad]
@@ -91,6 +91,6 @@ def evaluate(model, state, idx, targets, block_size, carry=True):
     B, T = idx.shape
     total, s = 0.0, state
     for lo, hi in segments(T, block_size):
-        loss, s = model(idx[:, lo:hi], targets[:, lo:hi], state=s if carry else state, n_tokens=B * T)
+        s, loss = model(idx[:, lo:hi], targets[:, lo:hi], state=s if carry else state, n_tokens=B * T)
         total = total + loss
     return total

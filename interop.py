@@ -290,12 +290,13 @@ def save_pth(model, path, tokenizer=None):
     load. Version 5.1 is written in the layout the rwkv pip package reads as v5.1 (time_mix = 1 - time_maa);
     RWKV-7's layer 0 carries the v0/v1/v2 that RWKV-LM creates there and never uses (at their init values).
     A tokenizer spec (a char vocabulary, say) goes beside it in <name>.tokenizer.json, where load_pretrained finds it:
-    a .pth itself holds only tensors."""
+    a .pth itself holds only tensors. So does a state-tuned model's learned initial state: <name>.state.pth
+    (save_state), which load_pretrained takes with the .pth and the rwkv package takes as its start state."""
+    state = plain_state_dict(model)
     if model.config.state_tuning:
-        raise ValueError("this model's initial state is learned (state tuning), which an RWKV-LM .pth cannot hold: "
-                         "write it with export.py --format=state (interop.save_state) and use it with the base .pth "
-                         "the tuning started from (sample.py --init_state=...)")
-    save_torch(to_rwkv_lm(plain_state_dict(model), model.config), path)
+        save_state(model, state_sidecar(path))
+        state = {k: v for k, v in state.items() if not k.endswith('.att.time_state')}
+    save_torch(to_rwkv_lm(state, model.config), path)
     if tokenizer is not None:
         write_text(tokenizer_sidecar(path), json.dumps(tokenizer))
 
@@ -334,6 +335,11 @@ def load_state(model, path):
         for i, block in enumerate(model.blocks):
             block.att.time_state.copy_(state[f'blocks.{i}.att.time_state'])
     return model
+
+
+def state_sidecar(path):
+    """Where the learned initial state of a .pth is kept: x.pth -> x.state.pth."""
+    return Path(path).with_suffix('.state.pth')
 
 
 def tokenizer_sidecar(path):
@@ -763,6 +769,8 @@ def load_pretrained(init_from, wkv_backend='auto', for_training=False):
             if for_training and getattr(model, 'quantized', None):
                 raise ConfigError(f"{path} is a quantized rwkv.cpp file, for inference only: train from the float "
                                   f"checkpoint it was exported from (--init_from=resume in its out_dir)")
+            if state_sidecar(path).is_file() and path.suffix == '.pth':  # a state-tuned model's learned start
+                load_state(model, state_sidecar(path))
             return model, 'rwkv', pth_tokenizer(path, model.config.vocab_size)
         if path.is_dir():
             config = path / 'config.json'

@@ -535,7 +535,9 @@ class MatrixState(NamedTuple):
 class HybridState(NamedTuple):
     """The state of a model with attention layers (attn_layers): the RWKV State of every layer (in an attention layer
     only x_ffn moves; its time-mix slots stay as they start) and each attention layer's KVCache (attention.py),
-    None before the first token."""
+    None before the first token. The State stays one (n_layer, B, C) tensor per slot, as RWKV-LM and the rwkv
+    package hold it, rather than a ragged per-layer structure: an attention layer's four idle slots are 4 B C
+    floats, nothing beside its cache."""
     rnn: State
     kv: tuple
 
@@ -733,14 +735,18 @@ class RWKV(nn.Module):
         return loss
 
     def forward(self, idx, targets=None, state=None, n_tokens=None):
-        """idx, targets (B, T) -> logits (B, T, V) and the loss (self.loss); without targets, the last position's
-        logits and None: nanoGPT's convention, which train.py, sample.py and GPT share.
-        A segment of a longer sample (bptt.py) passes the `state` it starts from and n_tokens, and gets (its loss,
-        the state after it): no (T, C) or (T, V) tensor outlives the call. bptt calls the module itself, not a method,
-        because DDP and FSDP do their work (gradient sync, gathering the shards) in the module's __call__."""
+        """(output, loss), nanoGPT's convention, which train.py, sample.py and GPT share: idx, targets (B, T) ->
+        logits (B, T, V) and the loss (self.loss); without targets, the last position's logits (B, 1, V) and None.
+        A segment of a longer sample (bptt.py) passes the `state` it starts from and n_tokens, and its output is the
+        state after it (with its loss): no (T, C) or (T, V) tensor outlives the call. bptt calls the module itself,
+        not a method, because DDP and FSDP do their work (gradient sync, gathering the shards) in the module's
+        __call__; inference from a state is prefill / step."""
+        if state is not None and targets is None:
+            raise ValueError("forward with a state is a training segment and needs targets; run inference from a "
+                             "state with prefill(idx, state) or step(token, state)")
         x, new_state = self._body(self.emb(idx), state, use_cache=state is not None)  # (B, T, C)
         if state is not None:
-            return self.loss(self.head(x), targets, n_tokens), new_state
+            return new_state, self.loss(self.head(x), targets, n_tokens)
         if targets is None:
             return self.head(x[:, [-1], :]), None  # (B, 1, V): inference needs only the last position
         logits = self.head(x)  # (B, T, V)

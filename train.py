@@ -91,8 +91,9 @@ OPTIONS = dict(
     wkv_backend=Option('auto', "rwkv only: the WKV op's implementation: the compiled kernel of the device ('auto'), "
                        "'cpu', 'cuda', or 'torch' (pure PyTorch, the reference)", BACKENDS),
     finetune=Option('full', "what the run trains: 'full' (every weight), 'lora' (low-rank adapters on the blocks' "
-                            "matrices, lora.py; the rest frozen) or 'state' (state tuning, RWKV-5/6/7: only each "
-                            "layer's initial WKV state, att.time_state)", ('full', 'lora', 'state')),
+                            "matrices, lora.py; the rest frozen), 'state' (state tuning, RWKV-5/6/7: only each "
+                            "layer's initial WKV state, att.time_state) or 'lora+state'",
+                    ('full', 'lora', 'state', 'lora+state')),
     lora_r=Option(8, "finetune='lora': the adapters' rank", '>= 1'),
     lora_alpha=Option(16.0, "finetune='lora': the update is scaled by lora_alpha / lora_r", '> 0'),
     lora_dropout=Option(0.0, "finetune='lora': dropout on the adapters' input", '[0, 1)'),
@@ -194,7 +195,8 @@ def apply_finetune(model, cfg, checkpoint, given, master):
     if cfg.fsdp:
         raise ConfigError(f"finetune={cfg.finetune!r} trains a small share of the parameters: plain DDP suffices; drop "
                           f"--fsdp=True")
-    if cfg.finetune == 'lora':
+    lora, parts = None, cfg.finetune.split('+')
+    if 'lora' in parts:
         lora = (checkpoint or {}).get('lora') or dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                                       targets=list(cfg.lora_targets))
         if checkpoint is None:
@@ -202,16 +204,17 @@ def apply_finetune(model, cfg, checkpoint, given, master):
                 add_lora(model, **lora)
             except ValueError as e:
                 raise ConfigError(str(e)) from e
-        what = f"LoRA r={lora['r']} alpha={lora['alpha']:g}"
-    else:
+    if 'state' in parts:
         if cfg.model_type != 'rwkv' or model.config.version == '4':
             kind = 'a GPT' if cfg.model_type != 'rwkv' else 'an RWKV-4'
-            raise ConfigError(f"finetune='state' learns the initial matrix state of RWKV-5, 5.1, 6 or 7; this model is "
-                              f"{kind}: use finetune='full' or 'lora'")
+            raise ConfigError(f"finetune={cfg.finetune!r} learns the initial matrix state of RWKV-5, 5.1, 6 or 7; this "
+                              f"model is {kind}: use finetune='full' or 'lora'")
         model.enable_state_tuning()
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith('.att.time_state'))
-        lora, what = None, "state tuning"
+    for name, p in model.named_parameters():  # the adapters and / or the states; everything else frozen
+        p.requires_grad_('lora' in parts and name.endswith(('.lora_A', '.lora_B')) or
+                         'state' in parts and name.endswith('.att.time_state'))
+    what = ' + '.join(([f"LoRA r={lora['r']} alpha={lora['alpha']:g}"] if lora else []) +
+                      (['state tuning'] if 'state' in parts else []))
     if master:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{what}: {n:,} parameters trained, {sum(p.numel() for p in model.parameters()) - n:,} frozen")

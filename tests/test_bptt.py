@@ -69,7 +69,7 @@ def segment_states(model, idx, targets, block_size):
     with torch.no_grad():
         for lo, hi in segments(T, block_size):
             states.append(s)
-            _, s = model(idx[:, lo:hi], targets[:, lo:hi], state=s, n_tokens=B * T)
+            s, _ = model(idx[:, lo:hi], targets[:, lo:hi], state=s, n_tokens=B * T)
     return states
 
 
@@ -77,7 +77,7 @@ def test_truncated_bptt_equals_independent_segment_passes():
     model = tiny_rwkv(torch.float64).train()
     idx, targets = data(2)
     for (lo, hi), s in zip(segments(T, 10), segment_states(model, idx, targets, 10)):
-        loss, _ = model(idx[:, lo:hi], targets[:, lo:hi], state=s, n_tokens=B * T)
+        _, loss = model(idx[:, lo:hi], targets[:, lo:hi], state=s, n_tokens=B * T)
         loss.backward()  # each segment on its own, its incoming state a constant
     want = grads_of(model)
     model.zero_grad()
@@ -92,7 +92,7 @@ def test_bptt_range_learns_from_the_last_segments_only():
     s = segment_states(model, idx, targets, 4)[5]
     total = 0
     for lo, hi in bounds[5:]:
-        loss, s = model(idx[:, lo:hi], targets[:, lo:hi], state=s, n_tokens=B * T)
+        s, loss = model(idx[:, lo:hi], targets[:, lo:hi], state=s, n_tokens=B * T)
         total = total + loss
     total.backward()
     want = grads_of(model)

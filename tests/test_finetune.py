@@ -68,6 +68,13 @@ def test_a_zero_state_is_the_base_model_and_the_state_file_round_trips(version, 
         interop.load_state(other, tmp_path / 'state.pth')
         assert torch.equal(other.prefill(idx)[0], model.prefill(idx)[0])
         assert torch.equal(model.generate(idx, 5, temperature=0), other.generate(idx, 5, temperature=0))
+        # a .pth of a state-tuned model: RWKV-LM's key set, the state beside it, both read back together
+        interop.save_pth(model, tmp_path / 'm.pth', {'tokenizer': 'char', 'itos': [chr(65 + i) for i in range(37)]})
+        assert not any('time_state' in k for k in torch.load(tmp_path / 'm.pth'))
+        assert (tmp_path / 'm.state.pth').is_file()
+        again = interop.load_pretrained(str(tmp_path / 'm.pth'), wkv_backend='torch')[0].double().eval()
+        want = model.prefill(idx)[0]  # a .pth holds fp32: the same function to fp32 rounding
+        assert ((again.prefill(idx)[0] - want).abs().max() / want.abs().max()).item() <= 1e-5
 
 
 def test_state_files_and_options_that_cannot_work_are_one_line(tmp_path):
@@ -81,8 +88,6 @@ def test_state_files_and_options_that_cannot_work_are_one_line(tmp_path):
         interop.load_state(tiny_rwkv(torch.float64), tmp_path / 'state.pth')
     with pytest.raises(ValueError, match='has no learned initial state'):
         interop.save_state(tiny_rwkv(torch.float64, version='7', head_size=4), tmp_path / 'x.pth')
-    with pytest.raises(ValueError, match='an RWKV-LM .pth cannot hold'):
-        interop.save_pth(model, tmp_path / 'm.pth')
     with pytest.raises(ValueError, match="RWKV-4's state is running sums"):
         RWKVConfig(state_tuning=True)
 
@@ -179,8 +184,10 @@ def test_train_py_state_tuning_end_to_end(dataset, tmp_path):
     assert r.returncode == 0 and 'state tuning:' in r.stdout, r.stderr[-2000:]
     one_line_error(run('train.py', *args('rwkv', task, tmp_path / 'tuned', 34, *v7), '--init_from=resume',
                        '--finetune=full'), 'train.py', "was trained with finetune='state'")
-    one_line_error(run('export.py', f'--out_dir={tmp_path / "tuned"}', '--format=pth', f'--dest={tmp_path / "x.pth"}'),
-                   'export.py', 'an RWKV-LM .pth cannot hold')
+    # the checkpoint as one .pth: the base weights, the learned state beside it (x.state.pth), found by sample.py
+    assert run('export.py', f'--out_dir={tmp_path / "tuned"}', '--format=pth',
+               f'--dest={tmp_path / "x.pth"}').returncode == 0
+    assert run('sample.py', f'--init_from={tmp_path / "x.pth"}', *sample).stdout == a.stdout
     one_line_error(run('train.py', *args('gpt', task, tmp_path / 'g', 2), '--finetune=state'), 'train.py',
                    "finetune='state' learns the initial matrix state of RWKV-5, 5.1, 6 or 7; this model is a GPT")
     one_line_error(run('sample.py', f'--init_from={tmp_path / "base.pth"}', f'--init_state={tmp_path / "base.pth"}',
@@ -309,3 +316,17 @@ def test_train_py_lora_end_to_end(dataset, tmp_path):
     b = run('sample.py', f'--init_from={tmp_path / "merged.pth"}', *sample)
     assert a.returncode == b.returncode == 0, a.stderr + b.stderr
     assert a.stdout == b.stdout
+
+
+def test_lora_and_state_tuning_together_train_both_and_nothing_else():
+    from types import SimpleNamespace
+    from train import apply_finetune
+    model = tuned_free('7')
+    cfg = SimpleNamespace(finetune='lora+state', fsdp=False, model_type='rwkv', lora_r=4, lora_alpha=8.0,
+                          lora_dropout=0.0, lora_targets=[])
+    lora = apply_finetune(model, cfg, None, set(), master=False)
+    assert lora == {'r': 4, 'alpha': 8.0, 'dropout': 0.0, 'targets': []}
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sum(n.endswith('.att.time_state') for n in trained) == 3
+    assert sum(n.endswith('.lora_A') for n in trained) == sum(n.endswith('.lora_B') for n in trained) > 0
+    assert all(n.endswith(('.lora_A', '.lora_B', '.att.time_state')) for n in trained)
