@@ -45,10 +45,8 @@ def forward_backward(model, state, idx, targets, block_size, bptt='full', bptt_r
     forward (mixed precision)."""
     if bptt not in ('full', 'truncated'):
         raise ValueError(f"bptt must be 'full' or 'truncated', got {bptt!r}")
-    if (targets < 0).any():
-        raise ValueError("segmented training counts every position as a target; targets must be >= 0")
     B, T = idx.shape
-    n_tokens = B * T
+    n_tokens = max(int((targets >= 0).sum()), 1)  # the targets the loss counts (-1: masked out)
     bounds = segments(T, block_size)
     first_learning = max(len(bounds) - bptt_range, 0) if bptt_range else 0
     # 1. forward without autograd: the state at every boundary, and the loss of segments that do not learn
@@ -90,7 +88,8 @@ def evaluate(model, state, idx, targets, block_size, carry=True):
     at a time gets)."""
     B, T = idx.shape
     total, s = 0.0, state
+    n_tokens = max(int((targets >= 0).sum()), 1)
     for lo, hi in segments(T, block_size):
-        s, loss = model(idx[:, lo:hi], targets[:, lo:hi], state=s if carry else state, n_tokens=B * T)
+        s, loss = model(idx[:, lo:hi], targets[:, lo:hi], state=s if carry else state, n_tokens=n_tokens)
         total = total + loss
     return total

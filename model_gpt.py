@@ -152,7 +152,9 @@ class GPT(nn.Module):
         x, _ = self._body(idx, None, use_cache=False)  # (B, T, C)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            # the mean over the targets counted (-1: masked out), 0 when there are none
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction='sum') / (targets >= 0).sum().clamp_min(1)
             if self.config.moe_experts and self.training:
                 aux = self.moe_aux_loss()
                 self.last_moe_aux = aux.detach()

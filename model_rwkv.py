@@ -718,20 +718,23 @@ class RWKV(nn.Module):
 
     def loss(self, logits, targets, n_tokens=None):
         """The training objective of logits (B, T, V): the mean cross-entropy, or for a segment of a longer sample
-        (bptt.py) its summed cross-entropy / n_tokens (the sample's B * T), so that the segments' losses add up to the
-        sample's mean loss (and L2Wrap's gradient to the sample's). In training, L2Wrap and moe_aux_coef x the MoE
+        (bptt.py) its summed cross-entropy / n_tokens (the targets the whole sample counts: its B * T without a loss
+        mask), so that the segments' losses add up to the sample's mean loss (and L2Wrap's gradient to the sample's).
+        Targets of -1 (masked out by a loss mask) are not counted. In training, L2Wrap and moe_aux_coef x the MoE
         load-balancing loss (this segment's share of it; detached in self.last_moe_aux for logging); in eval the
         cross-entropy alone, comparable with other models."""
-        if n_tokens is None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if n_tokens is None:  # the mean over the targets counted (-1: masked out), 0 when there are none
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction='sum') / (targets >= 0).sum().clamp_min(1)
         else:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction='sum') / n_tokens
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction='sum') / n_tokens
         if self.training:
             loss = L2Wrap.apply(loss, logits, n_tokens)
             if self.config.moe_experts:
                 aux = self.moe_aux_loss()
                 self.last_moe_aux = aux.detach()
-                loss = loss + self.config.moe_aux_coef * aux * (1.0 if n_tokens is None else targets.numel() / n_tokens)
+                share = 1.0 if n_tokens is None else (targets >= 0).sum() / n_tokens  # this segment's targets
+                loss = loss + self.config.moe_aux_coef * aux * share
         return loss
 
     def forward(self, idx, targets=None, state=None, n_tokens=None):

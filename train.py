@@ -272,7 +272,8 @@ def init_model(cfg, given, init, meta, ddir, master):
 
 
 def get_batch(ddir, split, offsets, block_size, vocab_size, device):
-    """x, y (B, block_size): the tokens at each offset and the tokens one further."""
+    """x, y (B, block_size): the tokens at each offset and the tokens one further; with a loss mask beside the data
+    (<split>.mask.bin, data/instruct/prepare.py), the targets it marks 0 are -1: not counted by the loss."""
     # a fresh memmap per batch: numpy keeps memmaps alive otherwise, and memory grows (nanoGPT)
     data = np.memmap(ddir / f'{split}.bin', dtype=np.uint16, mode='r')
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in offsets])
@@ -281,6 +282,13 @@ def get_batch(ddir, split, offsets, block_size, vocab_size, device):
     if top >= vocab_size:
         raise ConfigError(f"{split}.bin in {ddir} holds token id {top}, but the model's vocab_size is {vocab_size}: "
                           f"the data and the model use different tokenizers; prepare the data again")
+    if (ddir / f'{split}.mask.bin').is_file():
+        mask = np.memmap(ddir / f'{split}.mask.bin', dtype=np.uint8, mode='r')
+        if len(mask) != len(data):
+            raise ConfigError(f"{ddir / f'{split}.mask.bin'} has {len(mask):,} entries for {len(data):,} tokens in "
+                              f"{split}.bin: prepare the data again (data/instruct/prepare.py writes both)")
+        m = torch.stack([torch.from_numpy(mask[i + 1:i + 1 + block_size].astype(np.bool_)) for i in offsets])
+        y = y.masked_fill(~m, -1)
     if device.startswith('cuda'):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 import interop
 from bptt import forward_backward
@@ -210,7 +211,7 @@ def with_random_adapters(model, seed=3, **kw):
 
 
 MAKERS = {'rwkv4': lambda: tiny_rwkv(torch.float64, n_embd=16), 'rwkv7': lambda: tuned_free('7'),
-          'gpt': lambda: tiny_gpt(vocab_size=37).double()}
+          'gpt': lambda: tiny_gpt(vocab_size=37, block_size=32).double()}
 
 
 def tuned_free(version):
@@ -330,3 +331,80 @@ def test_lora_and_state_tuning_together_train_both_and_nothing_else():
     assert sum(n.endswith('.att.time_state') for n in trained) == 3
     assert sum(n.endswith('.lora_A') for n in trained) == sum(n.endswith('.lora_B') for n in trained) > 0
     assert all(n.endswith(('.lora_A', '.lora_B', '.att.time_state')) for n in trained)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# instruction data: a loss mask
+
+@pytest.mark.parametrize('kind', ['rwkv7', 'rwkv4', 'gpt'])
+def test_masked_targets_count_for_nothing_whole_and_in_segments(kind):
+    # targets of -1 (what train.py makes of a 0 in the mask) are left out of the loss: the loss and every gradient
+    # equal the cross-entropy over the unmasked positions alone, computed from the logits; the same through
+    # segments of 8 (bptt.py) for RWKV. Eval mode: L2Wrap, a regulariser on every position's logits, is off
+    model = MAKERS[kind]().eval()
+    idx, targets = tokens(3, 29), tokens(3, 29, seed=1)
+    keep = torch.rand(3, 29, generator=torch.Generator().manual_seed(2)) < 0.6
+    masked = targets.masked_fill(~keep, -1)
+    logits, _ = model(idx, targets)
+    want_loss = F.cross_entropy(logits[keep], targets[keep])
+    want = torch.autograd.grad(want_loss, list(model.parameters()), allow_unused=True)
+    _, loss = model(idx, masked)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-12)
+    got = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None) and (g is None or torch.allclose(g, w, rtol=1e-10, atol=1e-13))
+    if kind.startswith('rwkv'):
+        model.zero_grad(set_to_none=True)
+        seg = forward_backward(model, model.initial_state(3), idx, masked, block_size=8)
+        assert seg.item() == pytest.approx(want_loss.item(), rel=1e-12)
+        for p, w in zip(model.parameters(), want):
+            assert w is None or torch.allclose(p.grad, w, rtol=1e-10, atol=1e-13)
+    _, none = model(idx, torch.full_like(targets, -1))  # nothing to learn: zero, not nan
+    assert none.item() == 0.0
+
+
+def char_tokenizer_json(path, chars):
+    """A tokenizer.json of one token per character plus <|endoftext|> (tokenizer.hf_tokenizer_json's char form)."""
+    from tokenizers import Tokenizer
+    from tokenizer import hf_tokenizer_json
+    tok = Tokenizer.from_str(hf_tokenizer_json({'tokenizer': 'char', 'itos': list(chars)})[0])
+    tok.add_special_tokens(['<|endoftext|>'])
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_instruct_data_masks_the_prompts_and_train_py_reads_it(tmp_path):
+    # prompt tokens masked, response and its end learned, 'text' records learned whole, the split by val_every;
+    # train.py trains on it (whole and in segments); a mask of the wrong length and bad records are one line
+    import json
+    chars = 'abcdefgh :\n'
+    tok = char_tokenizer_json(tmp_path / 'tok.json', chars)
+    eot = len(chars)
+    records = [{'prompt': 'ab: ', 'response': 'cd'}, {'text': 'hh'}, {'prompt': 'e: ', 'response': 'fgh'}] * 30
+    (tmp_path / 'd.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    out = tmp_path / 'data'
+    r = run('data/instruct/prepare.py', f'--source={tmp_path / "d.jsonl"}', f'--tokenizer={tok}', f'--out_dir={out}',
+            '--val_every=3')
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = {s: np.fromfile(out / f'{s}.bin', dtype=np.uint16).tolist() for s in ('train', 'val')}
+    mask = {s: np.fromfile(out / f'{s}.mask.bin', dtype=np.uint8).tolist() for s in ('train', 'val')}
+    enc = {c: i for i, c in enumerate(chars)}
+    one = [enc[c] for c in 'ab: cd'] + [eot]
+    assert ids['val'][:7] == one and mask['val'][:7] == [0, 0, 0, 0, 1, 1, 1]  # record 0: val
+    assert ids['train'][:3] == [enc['h'], enc['h'], eot] and mask['train'][:3] == [1, 1, 1]  # record 1: text
+    assert mask['train'][3:10] == [0, 0, 0, 1, 1, 1, 1]  # record 2: 'e: ' masked, 'fgh' + eot learned
+    assert len(ids['train']) == len(mask['train']) and json.loads((out / 'meta.json').read_text())['mask']
+    common = ['--model_type=rwkv', f'--data_dir={out}', '--device=cpu', '--n_layer=2', '--n_embd=32',
+              '--block_size=16', '--batch_size=4', '--max_iters=2', '--eval_iters=1', '--wkv_backend=torch',
+              '--peak_flops=1e11']
+    r = run('train.py', *common, f'--out_dir={tmp_path / "o"}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run('train.py', *common, f'--out_dir={tmp_path / "o2"}', '--block_size=8', '--ctx_len=16')
+    assert r.returncode == 0, r.stderr[-2000:]
+    (out / 'val.mask.bin').write_bytes((out / 'val.mask.bin').read_bytes()[:-3])
+    one_line_error(run('train.py', *common, f'--out_dir={tmp_path / "o3"}'), 'train.py',
+                   'val.mask.bin has')
+    (tmp_path / 'bad.jsonl').write_text(json.dumps({'question': 'x'}) + '\n')
+    one_line_error(run('data/instruct/prepare.py', f'--source={tmp_path / "bad.jsonl"}', f'--tokenizer={tok}',
+                       f'--out_dir={tmp_path / "bad"}'), 'prepare.py', "record 0 has neither 'prompt' and 'response'")

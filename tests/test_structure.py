@@ -93,7 +93,7 @@ def test_model_files_import_torch_their_ops_and_shared_layers_only():
 
 SCRIPTS = ['train.py', 'sample.py', 'export.py', 'benchmark_inference_time.py', 'assets/make_animations.py',
            'data/shakespeare_char/prepare.py', 'data/shakespeare/prepare.py', 'data/openwebtext/prepare.py',
-           'data/openwebtext_neox/prepare.py', 'data/tinystories/prepare.py'] + \
+           'data/openwebtext_neox/prepare.py', 'data/tinystories/prepare.py', 'data/instruct/prepare.py'] + \
     [f'benchmarks/{f.name}' for f in sorted((REPO / 'benchmarks').glob('bench_*.py'))]
 
 
