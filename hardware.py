@@ -107,10 +107,16 @@ def others_quiet(name):
     import io
     import warnings
     from contextlib import redirect_stderr, redirect_stdout
-    buf = io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, redirect_stdout(buf), redirect_stderr(buf):
-        warnings.simplefilter('always')
-        yield
+    buf, caught = io.StringIO(), []
+    try:
+        with warnings.catch_warnings(record=True) as caught, redirect_stdout(buf), redirect_stderr(buf):
+            warnings.simplefilter('always')
+            yield
+    finally:  # said even when the block fails: what the library printed may be why
+        _say(name, buf, caught)
+
+
+def _say(name, buf, caught):
     said = [line.strip() for line in buf.getvalue().splitlines() if line.strip()]
     said += [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
     if said:

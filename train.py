@@ -164,6 +164,10 @@ def prepare_data(cfg, master):
         if size % 2:
             raise ConfigError(f"{path} has an odd number of bytes ({size}): it is truncated (uint16 tokens); prepare "
                               f"the dataset again")
+        mask = ddir / f'{split}.mask.bin'  # a loss mask (data/instruct/prepare.py): one byte per token
+        if mask.is_file() and mask.stat().st_size != size // 2:
+            raise ConfigError(f"{mask} has {mask.stat().st_size:,} entries for {size // 2:,} tokens in {split}.bin: "
+                              f"prepare the data again (data/instruct/prepare.py writes both)")
     return ddir
 
 
@@ -283,10 +287,7 @@ def get_batch(ddir, split, offsets, block_size, vocab_size, device):
         raise ConfigError(f"{split}.bin in {ddir} holds token id {top}, but the model's vocab_size is {vocab_size}: "
                           f"the data and the model use different tokenizers; prepare the data again")
     if (ddir / f'{split}.mask.bin').is_file():
-        mask = np.memmap(ddir / f'{split}.mask.bin', dtype=np.uint8, mode='r')
-        if len(mask) != len(data):
-            raise ConfigError(f"{ddir / f'{split}.mask.bin'} has {len(mask):,} entries for {len(data):,} tokens in "
-                              f"{split}.bin: prepare the data again (data/instruct/prepare.py writes both)")
+        mask = np.memmap(ddir / f'{split}.mask.bin', dtype=np.uint8, mode='r')  # its length checked by prepare_data
         m = torch.stack([torch.from_numpy(mask[i + 1:i + 1 + block_size].astype(np.bool_)) for i in offsets])
         y = y.masked_fill(~m, -1)
     if device.startswith('cuda'):
