@@ -113,6 +113,8 @@ def run(name, model, cfg, device):
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    if hasattr(model, 'layout_for_decoding_') and not cuda:
+        model.layout_for_decoding_()  # what RWKV's generate runs on a CPU
     token = torch.zeros(1, dtype=torch.long, device=device)
     cache, rows, total = None, [], 0.0
     for n in tqdm(range(1, cfg.n_tokens + 1), desc=name, unit='tok', mininterval=1, file=sys.stderr):

@@ -148,6 +148,26 @@ class QLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt}"
 
 
+class DecodeLinear(nn.Linear):
+    """An fp32 nn.Linear laid out for decoding (RWKV.layout_for_decoding_ turns a model's nn.Linears into these):
+    one input row on the CPU without a gradient runs the compiled one-row product of qlinear_cpu.cpp (flinear_cpu),
+    which streams the weight on every thread where a BLAS's matrix-vector path uses one; anything else (a batch,
+    training, torch.compile, another device) is F.linear. The parameters and state dict are nn.Linear's."""
+
+    def forward(self, x):
+        if (x.numel() == self.in_features and x.dtype == self.weight.dtype == torch.float32 and x.device.type == 'cpu'
+                and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            from wkv_cuda import get_extension
+            ext = get_extension('cpu')
+            if not isinstance(ext, Exception):  # a failed build was announced by the WKV op: F.linear serves
+                y = ext.flinear(x.reshape(1, -1).contiguous(), self.weight)
+                if self.bias is not None:
+                    y += self.bias
+                return y.view(*x.shape[:-1], self.out_features)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
 def quantize_model(model, fmt, head, head_name):
     """The models' quantize_: every Linear whose input width is a multiple of 32 (all of them in the configs here)
     becomes a QLinear of `fmt`, in place; the head (`head_name`) too when `head` (None = DEFAULT_HEAD)."""

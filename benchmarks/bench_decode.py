@@ -1,17 +1,28 @@
 """
-RNN-mode decoding speed: our RWKV.step vs the `rwkv` pip package (strategy 'cpu fp32', its default TorchScript
-path) on the same exported RWKV-4 .pth, in one run. Both decode one sequence, one token at a time; the logits of the
-two are compared on the way, so both provably run the same weights. Ours runs eager and with torch.compile(model.step)
-(which fuses the elementwise work of a step: small models are dispatch-bound on a CPU); our batched decode is shown
-next to it (the package decodes one sequence per call).
+Decoding speed of every RWKV version on the CPU, fp32: our RWKV.step against the `rwkv` pip package (strategy
+'cpu fp32', its TorchScript path; RWKV_V7_ON=1 for version 7) on the same random weights, exported once by save_pth
+to a .pth that both load (their logits are compared first). Per version and thread count, the contenders run in
+interleaved rounds whose order alternates, and each ratio is the median of the per-round ratios, so a machine that
+slows down mid-run shifts every contender alike:
+- ours: step() after layout_for_decoding_() (what generate() runs), and as loaded (the training layout);
+- ours compiled: torch.compile(step), laid out for decoding;
+- rwkv pip: forward([token], state);
+- ours batch B: step() on B sequences at once (tokens/s counts all B);
+- memory read: torch.sum over a 256 MB tensor, the read bandwidth a decoder could reach (the same threads).
+A token reads every weight matrix once (the embedding: one row); GB/s = those bytes / time, and its share of the
+measured read bandwidth. The state a token reads and writes is listed apart (it stays in cache at these sizes).
+Then the prompt: ours prefill(last_only=True) of --prefill tokens against the package's forward(token list).
 
-$ python benchmarks/bench_decode.py
-$ python benchmarks/bench_decode.py --sizes="[(12, 768, 50277)]" --n_tokens=200
+$ python benchmarks/bench_decode.py                                   # versions 4-7 at L12 C768, 1 and 2 threads
+$ python benchmarks/bench_decode.py --versions="[7]" --threads="[1]" --compile=False
+$ python benchmarks/bench_decode.py --n_layer=4 --n_embd=256 --vocab_size=65 --prefill=64
 
-Tokens/s are medians over --repeats runs of --n_tokens steps each, after --warmup steps.
+Each version runs in its own process (the package reads RWKV_V7_ON when imported).
 """
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,82 +35,143 @@ from configurator import ConfigError, Option, parse_config, run_script  # noqa: 
 from hardware import others_quiet, run_provenance  # noqa: E402
 
 OPTIONS = dict(
-    # (n_layer, n_embd, vocab_size): a char-level model, a small BPE model, and RWKV-4 169M's shape
-    sizes=Option([(4, 256, 65), (6, 512, 50277), (12, 768, 50277)], "(n_layer, n_embd, vocab_size) of each model: a "
-                 "char-level model, a small BPE model, and RWKV-4 169M's shape", '>= 1'),
-    n_tokens=Option(64, "steps per timed run", '>= 1'),
-    warmup=Option(8, "untimed steps first", '>= 0'),
-    repeats=Option(3, "timed runs; the median is reported", '>= 1'),
-    batch_size=Option(8, "our batched decode, the extra column", '>= 1'),
-    compile=Option(True, "also time torch.compile(model.step)"),
+    versions=Option([4, 5, 6, 7], "RWKV versions, each against the package's runner of that version", (4, 5, 6, 7)),
+    n_layer=Option(12, "blocks (RWKV-4 169M and RWKV-7 0.1B: 12)", '>= 1'),
+    n_embd=Option(768, "width", '>= 1'),
+    head_size=Option(64, "versions 5-7: channels per head", '>= 1'),
+    vocab_size=Option(0, "0 = 50277 for version 4 (the Pile's), 65536 for 5-7 (RWKV World's)", '>= 0'),
+    threads=Option([1, 2], "CPU thread counts (torch.set_num_threads), each measured", '>= 1'),
+    n_tokens=Option(16, "tokens per contender per round", '>= 1'),
+    rounds=Option(5, "interleaved rounds", '>= 1'),
+    warmup=Option(4, "untimed steps per contender first (compiles)", '>= 1'),
+    batch_size=Option(8, "sequences of the batched contender", '>= 1'),
+    compile=Option(True, "also time torch.compile(step)"),
+    prefill=Option(512, "prompt length of the prefill comparison; 0 = none", '>= 0'),
     seed=Option(1337, "seeds the random weights and tokens", '>= 0'),
+    worker=Option(0, "internal: measure this version in this process and print JSON (the parent runs each version "
+                     "so); leave it out", '>= 0'),
 )
+BANDWIDTH_BYTES = 256 * 2 ** 20
 
 
-def decode_rate(step, n_tokens, warmup, repeats, batch=1):
-    """tokens/s of step(i) called n_tokens times, median over repeats."""
-    for i in range(warmup):
-        step(i)
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(n_tokens):
-            step(i)
-        rates.append(batch * n_tokens / (time.perf_counter() - t0))
-    return statistics.median(rates)
+def interleaved(contenders, rounds):
+    """{name: [seconds per round]} of each contender run once per round, the order alternating round by round."""
+    times = {name: [] for name in contenders}
+    names = list(contenders)
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else reversed(names):
+            t0 = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
-def bench(L, C, V, cfg, tmp):
+def measure(cfg, version):
+    os.environ['RWKV_V7_ON'] = '1' if version == 7 else '0'
     os.environ.setdefault('RWKV_CUDA_ON', '0')
+    os.environ.setdefault('RWKV_JIT_ON', '1')
     with others_quiet('the rwkv package'):
         from rwkv.model import RWKV as PipRWKV
     from model_rwkv import RWKV, RWKVConfig
+    V = cfg.vocab_size or (50277 if version == 4 else 65536)
     torch.manual_seed(cfg.seed)
-    src = RWKV(RWKVConfig(n_layer=L, n_embd=C, vocab_size=V))
-    with torch.no_grad():  # v4neo's init zeroes several matrices; random weights make every matmul real work
+    try:
+        config = RWKVConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=V, version=str(version),
+                            head_size=cfg.head_size)
+    except ValueError as e:  # a shape this version cannot take
+        raise ConfigError(str(e)) from None
+    src = RWKV(config)
+    with torch.no_grad():  # RWKV-LM's init zeroes several matrices; random weights make every product real work
         for p in src.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:
                 p.normal_(0, 0.02)
-    path = Path(tmp) / f'L{L}-C{C}-V{V}.pth'
+    tmp = tempfile.mkdtemp()
+    path = Path(tmp) / 'model.pth'
     src.save_pth(path)
-    ours = RWKV.from_pretrained(path).eval()  # the same file for both
+    del src
+    ours = RWKV.from_pretrained(path).eval()
+    trained = RWKV.from_pretrained(path).eval()  # the layout training uses
+    ours.layout_for_decoding_()
     with others_quiet('the rwkv package'):
-        pip = PipRWKV(model=str(path.with_suffix('')), strategy='cpu fp32', verbose=False)
-    tokens = torch.randint(0, V, (cfg.warmup + cfg.n_tokens,), generator=torch.Generator().manual_seed(cfg.seed))
+        kw = {} if version == 7 else dict(verbose=False)
+        pip = PipRWKV(model=str(path.with_suffix('')), strategy='cpu fp32', **kw)
+    path.unlink()
+    os.rmdir(tmp)
+    g = torch.Generator().manual_seed(cfg.seed)
+    tokens = torch.randint(0, V, (cfg.warmup + cfg.n_tokens + max(cfg.prefill, 1),), generator=g)
 
     # the same logits, token by token, before timing anything
-    state, pip_state, diff = None, None, 0.0
+    s_ours, s_trained, s_pip, diff = None, None, None, 0.0
     with torch.inference_mode():
-        for t in tokens[:16].tolist():
-            logits, state = ours.step(torch.tensor([t]), state)
-            pip_logits, pip_state = pip.forward([t], pip_state)
-            diff = max(diff, (logits[0] - pip_logits).abs().max().item())
+        for t in tokens[:8].tolist():
+            a, s_ours = ours.step(torch.tensor([t]), s_ours)
+            b, s_trained = trained.step(torch.tensor([t]), s_trained)
+            c, s_pip = pip.forward([t], s_pip)
+            diff = max(diff, (a[0] - c).abs().max().item(), (b[0] - c).abs().max().item())
 
-    def run_ours(batch):
-        s = [None]
+    def decoder(step, batch=1):
+        state = [None]
         toks = tokens[:, None].expand(-1, batch).contiguous()
 
-        def step(i):
+        def run(n=cfg.n_tokens):
             with torch.inference_mode():
-                _, s[0] = ours.step(toks[i], s[0])
-        return step
+                for i in range(n):
+                    _, state[0] = step(toks[i], state[0])
+        return run
 
-    pip_s = [None]
+    def pip_decoder():
+        state = [None]
 
-    def run_pip(i):
-        _, pip_s[0] = pip.forward([int(tokens[i])], pip_s[0])
+        def run(n=cfg.n_tokens):
+            for i in range(n):
+                _, state[0] = pip.forward([int(tokens[i])], state[0])
+        return run
 
-    n, w, r = cfg.n_tokens, cfg.warmup, cfg.repeats
-    ours_1 = decode_rate(run_ours(1), n, w, r)
-    pip_1 = decode_rate(run_pip, n, w, r)
-    ours_b = decode_rate(run_ours(cfg.batch_size), n, w, r, cfg.batch_size)
-    compiled = None
+    big = torch.ones(BANDWIDTH_BYTES // 4)
+    contenders = {'ours': decoder(ours.step), 'ours, as loaded': decoder(trained.step)}
     if cfg.compile:
-        step = ours.step
-        ours.step = torch.compile(step)  # the first calls (warm-up) compile it
-        compiled = decode_rate(run_ours(1), n, max(w, 2), r)
-        ours.step = step
-    return ours_1, pip_1, ours_b, compiled, diff
+        contenders['ours compiled'] = decoder(torch.compile(ours.step))
+    contenders['rwkv pip'] = pip_decoder()
+    contenders[f'ours batch {cfg.batch_size}'] = decoder(ours.step, cfg.batch_size)
+    contenders['memory read'] = lambda n=None: big.sum()
+    prompt = tokens[:cfg.prefill]
+
+    def prefill_ours():
+        with torch.inference_mode():
+            ours.prefill(prompt[None], last_only=True)
+
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if n != 'emb.weight')
+    weight_bytes += ours.config.n_embd * 4  # the embedding row
+    state_bytes = sum(s.numel() * s.element_size() for s in ours.initial_state(1))
+    out = dict(version=version, V=V, diff=diff, weight_bytes=weight_bytes, state_bytes=2 * state_bytes, runs={})
+    for threads in cfg.threads:
+        torch.set_num_threads(threads)
+        for run in contenders.values():
+            for _ in range(cfg.warmup):
+                run(1)
+        times = interleaved(contenders, cfg.rounds)
+        pip_t = times['rwkv pip']
+        res = {}
+        for name, ts in times.items():
+            if name == 'memory read':
+                res[name] = dict(gbs=statistics.median(BANDWIDTH_BYTES / t / 1e9 for t in ts))
+                continue
+            n = cfg.n_tokens * (cfg.batch_size if name.startswith('ours batch') else 1)
+            res[name] = dict(ms=statistics.median(t / cfg.n_tokens * 1e3 for t in ts),
+                             tok_s=statistics.median(n / t for t in ts),
+                             vs_pip=statistics.median(p / t * (n / cfg.n_tokens) for p, t in zip(pip_t, ts)))
+        if cfg.prefill:
+            prefill_ours()
+            pip.forward(prompt.tolist(), None)
+            pt = interleaved({'ours prefill': prefill_ours, 'rwkv pip forward': lambda: pip.forward(prompt.tolist(),
+                                                                                                    None)},
+                             max(3, cfg.rounds // 2))
+            for name, ts in pt.items():
+                res[name] = dict(ms=statistics.median(ts) * 1e3,
+                                 tok_s=statistics.median(cfg.prefill / t for t in ts),
+                                 vs_pip=statistics.median(p / t for p, t in zip(pt['rwkv pip forward'], ts)))
+        out['runs'][threads] = res
+    return out
 
 
 def main(argv):
@@ -107,25 +179,54 @@ def main(argv):
     import importlib.util
     if importlib.util.find_spec('rwkv') is None:
         raise ConfigError("the rwkv package is not installed: pip install rwkv")
+    if cfg.worker:
+        if cfg.worker not in (4, 5, 6, 7):
+            raise ConfigError(f"--worker={cfg.worker}: it is how this script measures one version; leave it out")
+        print(json.dumps(measure(cfg, cfg.worker)))
+        return
     commit, machine = run_provenance('cpu')
-    from importlib.metadata import version
-    print(f"# bench_decode.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, rwkv {version('rwkv')}, "
-          f"{machine}, {time.strftime('%Y-%m-%d')}\nfp32 on the CPU, batch 1 unless stated, {cfg.n_tokens} fixed "
-          f"random tokens per run, median of {cfg.repeats} runs\n")
-    B = cfg.batch_size
-    rows = []  # printed at the end, so that no library's message lands inside the table
-    with tempfile.TemporaryDirectory() as tmp:
-        for L, C, V in cfg.sizes:
-            ours_1, pip_1, ours_b, compiled, diff = bench(L, C, V, cfg, tmp)
-            comp = f"{compiled:,.1f} | {compiled / pip_1:.2f}x" if compiled else "- | -"
-            rows.append(f"| {L} | {C} | {V} | {pip_1:,.1f} | {ours_1:,.1f} | {ours_1 / pip_1:.2f}x | {comp} | "
-                        f"{ours_b:,.1f} | {diff:.1e} |")
-            print(f"measured L{L} C{C} V{V}", file=sys.stderr, flush=True)
-    sys.stderr.flush()
-    print(f"| n_layer | n_embd | vocab | rwkv pip tok/s | ours tok/s | ours / pip | ours compiled tok/s | "
-          f"compiled / pip | ours batch {B} tok/s | max logit diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print('\n'.join(rows), flush=True)
+    from importlib.metadata import version as package_version
+    print(f"# bench_decode.py {' '.join(argv)}\ncommit {commit}, torch {torch.__version__}, rwkv "
+          f"{package_version('rwkv')}, {machine.split(',')[0]}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}\n"
+          f"fp32, batch 1 unless stated; L{cfg.n_layer} C{cfg.n_embd} head {cfg.head_size}; median of {cfg.rounds} "
+          f"interleaved rounds of {cfg.n_tokens} tokens; ratio = median of the per-round ratios to rwkv pip\n")
+    results = []
+    for v in cfg.versions:
+        r = subprocess.run([sys.executable, __file__, f'--worker={v}', *argv], capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ['(no output)'])[-1]
+            raise ConfigError(f"measuring version {v} failed: {last.removeprefix('bench_decode.py: error: ')}")
+        results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(f"measured version {v}", file=sys.stderr, flush=True)
+    print("| version | vocab | threads | contender | ms/token | tokens/s | vs rwkv pip | weights GB/s | share of read "
+          "bandwidth |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for res in results:
+        for threads, runs in res['runs'].items():
+            bw = runs['memory read']['gbs']
+            for name, m in runs.items():
+                if name == 'memory read' or 'prefill' in name or 'forward' in name:
+                    continue
+                gbs = res['weight_bytes'] / (m['ms'] / 1e3) / 1e9
+                batched = name.startswith('ours batch')
+                print(f"| {res['version']} | {res['V']} | {threads} | {name} | {m['ms']:.2f} | {m['tok_s']:,.1f} | "
+                      f"{m['vs_pip']:.2f}x | {'-' if batched else f'{gbs:.1f}'} | "
+                      f"{'-' if batched else f'{gbs / bw:.0%}'} |")
+            print(f"| {res['version']} | {res['V']} | {threads} | memory read (torch.sum, 256 MB) | | | | {bw:.1f} | "
+                  f"100% |")
+    if cfg.prefill:
+        print(f"\nprompt of {cfg.prefill} tokens (ours: prefill(last_only=True); the package: forward(token list))\n")
+        print("| version | threads | contender | ms | tokens/s | vs rwkv pip |")
+        print("|---|---|---|---|---|---|")
+        for res in results:
+            for threads, runs in res['runs'].items():
+                for name in ('ours prefill', 'rwkv pip forward'):
+                    m = runs[name]
+                    print(f"| {res['version']} | {threads} | {name} | {m['ms']:.1f} | {m['tok_s']:,.1f} | "
+                          f"{m['vs_pip']:.2f}x |")
+    print("\nbytes a token reads: " + ', '.join(
+        f"version {r['version']}: weights {r['weight_bytes'] / 1e6:.1f} MB, state {r['state_bytes'] / 1e6:.2f} MB "
+        f"(read + written), max logit diff vs rwkv pip {r['diff']:.1e}" for r in results))
 
 
 if __name__ == '__main__':

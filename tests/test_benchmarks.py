@@ -2,6 +2,7 @@
 is asserted (speed is reported by the scripts, not tested)."""
 import csv
 import json
+import re
 import runpy
 import shutil
 import subprocess
@@ -89,13 +90,22 @@ def test_train_benchmark(tmp_path):
 
 
 def test_decode_benchmark(tmp_path):
+    """Every contender of every version measured on weights the package reads with the same logits, a compiled step
+    included, and the prompt comparison."""
     pytest.importorskip('rwkv')
-    out = script('benchmarks/bench_decode.py', f'--sizes=[({L}, {C}, {V})]', '--n_tokens=4', '--warmup=1',
-                 '--repeats=1', '--batch_size=2', cwd=tmp_path)
-    (row,) = table(out, 'n_layer')
-    assert row[:3] == [str(L), str(C), str(V)]
-    assert float(row[-1]) <= 1e-4  # both ran the same weights
-    assert all(float(row[i].replace(',', '')) > 0 for i in (3, 4, 6, 8))  # pip, ours, compiled, batched
+    out = script('benchmarks/bench_decode.py', '--versions=[4, 7]', f'--n_layer={L}', f'--n_embd={C}',
+                 '--head_size=16', f'--vocab_size={V}', '--threads=[1]', '--n_tokens=2', '--rounds=1', '--warmup=1',
+                 '--batch_size=2', '--prefill=8', cwd=tmp_path)
+    decode, prompt = out.split('prompt of 8 tokens')
+    rows = table(decode, 'version')
+    assert [(r[0], r[3]) for r in rows] == [(v, c) for v in '47' for c in (
+        'ours', 'ours, as loaded', 'ours compiled', 'rwkv pip', 'ours batch 2', 'memory read (torch.sum, 256 MB)')]
+    assert all(float(r[5].replace(',', '')) > 0 and r[6].endswith('x') for r in rows if not r[3].startswith('memory'))
+    assert all(float(r[7]) >= 0 for r in rows if r[7] != '-')  # GB/s (0.0 at this size)
+    assert [(r[0], r[2]) for r in table(prompt, 'version')] == [(v, c) for v in '47' for c in (
+        'ours prefill', 'rwkv pip forward')]
+    diffs = re.findall(r'max logit diff vs rwkv pip ([0-9.e+-]+)', out)
+    assert len(diffs) == 2 and all(float(d) <= 1e-4 for d in diffs)  # both ran the same weights
 
 
 def test_options_benchmark(tmp_path):

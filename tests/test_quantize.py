@@ -7,13 +7,14 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from configurator import ConfigError
 from helpers import args, one_line_error, run, tiny_gpt, tiny_rwkv
 from model_gpt import GPT
 from model_rwkv import RWKV
-from quantize import FORMATS, QLinear, dequantize, quantize
+from quantize import FORMATS, QLinear, dequantize, kernel, quantize
 
 f32 = np.float32
 
@@ -113,6 +114,56 @@ def test_kernel_equals_float_matmul_of_the_dequantized_weights(fmt, B, O, I):
     err = ((dequantize(t, fmt) - W).abs().mean() / W.abs().mean()).item()
     assert err < {'int8': 0.01, 'q8_0': 0.01, 'q5_1': 0.05, 'q4_0': 0.12, 'int4': 0.1}[fmt]
     assert got.shape == (B, O) and layer(x[None]).shape == (1, B, O)
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('O,I', [(1, 5), (3, 37), (37, 3), (129, 96), (96, 129), (2000, 64), (64, 640)])
+def test_fp32_one_row_product_equals_float64_in_both_layouts(O, I, threads):
+    """flinear (DecodeLinear's kernel) on W stored (O, I) and as the transpose of an (I, O): x @ W^T, to fp32
+    rounding, for sizes that are no multiple of its 4 rows, 8 lanes or 64-column blocks, on 1 and 2 threads."""
+    g = torch.Generator().manual_seed(O * I)
+    W, x = torch.randn(O, I, generator=g), torch.randn(1, I, generator=g)
+    want = x.double() @ W.double().T
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for w in (W, W.t().contiguous().t()):
+            got = kernel().flinear(x, w)
+            assert got.shape == (1, O)
+            assert ((got.double() - want).abs().max() / want.abs().max()).item() <= 1e-6
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_linear_runs_the_kernel_for_one_row_only():
+    """DecodeLinear: one row without a gradient goes through flinear; a batch, a gradient or float64 through
+    F.linear, with the same values; a strided weight the kernel cannot read is a one-line error."""
+    from quantize import DecodeLinear
+    lin = nn.Linear(48, 40, bias=True)
+    dec = DecodeLinear(48, 40, bias=True)
+    dec.load_state_dict(lin.state_dict())
+    calls = []
+    ext = kernel()
+
+    class Spy:
+        def flinear(self, x, w):
+            calls.append(x.shape)
+            return ext.flinear(x, w)
+    import wkv_cuda
+    saved = wkv_cuda._extensions['cpu']
+    wkv_cuda._extensions['cpu'] = Spy()
+    try:
+        x = torch.randn(3, 1, 48)
+        with torch.no_grad():
+            assert (dec(x[:1]) - lin(x[:1])).abs().max() <= 1e-5 and calls == [(1, 48)]
+            assert (dec(x) - lin(x)).abs().max() <= 1e-6 and len(calls) == 1  # a batch: F.linear
+        out = dec(x[:1])  # a gradient wanted: F.linear, differentiable
+        out.sum().backward()
+        assert len(calls) == 1 and dec.weight.grad is not None
+    finally:
+        wkv_cuda._extensions['cpu'] = saved
+    with pytest.raises(RuntimeError, match='the weight must be row-major or the transpose of a row-major matrix'):
+        kernel().flinear(torch.randn(1, 8), torch.randn(16, 16)[::2, :8])
 
 
 @pytest.mark.parametrize('fmt', FORMATS)
@@ -381,6 +432,11 @@ for fmt in FORMATS:
         want = x.double() @ dequantize(t, fmt).double().T
         err = ((y.double() - want).abs().max() / want.abs().max()).item()
         assert err <= 1e-5, (fmt, B, err)
+W = torch.randn(45, 99, generator=g)
+x = torch.randn(1, 99, generator=g)
+for w in (W, W.t().contiguous().t()):  # the fp32 one-row product, both layouts
+    err = ((ext.flinear(x, w).double() - x.double() @ W.double().T).abs().max()).item()
+    assert err <= 1e-4, err
 print('scalar ok')
 """
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=1200, cwd=REPO,

@@ -2,6 +2,7 @@
 the per-token RNN step; values and gradients) in float64 and float32, the rwkv pip package (the format's own library)
 gives the same logits and state on our .pth and on an official-layout .pth written here from RWKV-LM's key names, the
 inits are RWKV-LM's formulas, training and sampling run, and every bad input is one line."""
+import copy
 import math
 import os
 import subprocess
@@ -343,3 +344,44 @@ def test_bad_files_and_exports_are_one_line(tmp_path):
     one_line_error(r, 'train.py', 'n_embd=128 must be a multiple of head_size=48')
     r = run('train.py', 'config/train_shakespeare_char.py', '--rwkv_version=8')
     one_line_error(r, 'train.py', 'rwkv_version')
+
+
+@pytest.mark.parametrize('version', ['4'] + VERSIONS)
+def test_layout_for_decoding_keeps_every_value(version, tmp_path):
+    """layout_for_decoding_ changes strides only: every parameter keeps its value, steps and prefill give the same
+    logits and state, each product matrix is stored along its longer side, a second call copies nothing, and
+    save_pth afterwards writes the same weights."""
+    kw = {} if version == '4' else dict(head_size=4)
+    m = tiny_rwkv(torch.float64, version=version, **kw)
+    ref = copy.deepcopy(m)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    idx = tokens(2, 9)
+    with torch.no_grad():
+        want, s_want = m.prefill(idx)
+    with torch.inference_mode():  # as generate may run; the model still trains afterwards
+        assert m.layout_for_decoding_() is m
+    after = dict(m.named_parameters())
+    assert all(torch.equal(before[n], p) and p.shape == before[n].shape for n, p in after.items())
+    products = [mod.weight.t() for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    products += [getattr(mod, n) for mod in m.modules() for n in getattr(mod, 'low_rank', ()) if hasattr(mod, n)]
+    assert len(products) > 3 * m.config.n_layer
+    for M in products:  # (in, out) as x @ M reads it: unit stride along the longer side
+        assert M.stride(1 if M.shape[1] >= M.shape[0] else 0) == 1, M.shape
+    ptrs = [p.data_ptr() for p in m.parameters()]
+    m.layout_for_decoding_()
+    assert [p.data_ptr() for p in m.parameters()] == ptrs
+    with torch.no_grad():
+        got, s_got = m.prefill(idx)
+        s, steps = None, []
+        for t in range(idx.shape[1]):
+            out, s = m.step(idx[:, t], s)
+            steps.append(out)
+    assert (got - want).abs().max() <= 1e-12 and (torch.stack(steps, 1) - want).abs().max() <= 1e-10
+    assert all((a - b).abs().max() <= 1e-10 for a, b in zip(s_got, s_want))
+    for model in (m, ref):  # training: the same gradients
+        model.train()
+        model(idx, targets=idx)[1].backward()
+    assert all((p.grad - q.grad).abs().max() <= 1e-10 for p, q in zip(m.parameters(), ref.parameters()))
+    m.save_pth(tmp_path / 'm.pth')  # the official layout, written from the new strides
+    back = RWKV.from_pretrained(tmp_path / 'm.pth', wkv_backend='torch')
+    assert all(torch.equal(before[n].float(), p) for n, p in back.named_parameters())
