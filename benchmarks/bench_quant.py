@@ -97,6 +97,7 @@ def speed_rows(cfg, tmp):
         model = RWKV.from_pretrained(pth).eval()
         if fmt != 'fp32':
             model.quantize_(fmt)
+        model.layout_for_decoding_()  # what generate() runs: fp32's matrices (and the low-rank ones) as decoded
         for b in cfg.batch_sizes:
             head = '' if fmt == 'fp32' else f" (head {'quantized' if model.quantized[1] else 'fp32'})"
             rows.append((f"ours {fmt}{head}", b, step_bytes(model), lambda n, m=model, b=b: our_runner(m, tokens, b)))

@@ -49,17 +49,20 @@ DDP_TOLERANCE = 1e-5  # relative, on each logged loss; fp32 all-reduce sums in a
                                                  ('rwkv', 'ddp segments'), ('rwkv', 'fsdp segments'),
                                                  ('gpt', 'fsdp accumulation'), ('rwkv', 'ddp moe hybrid'),
                                                  ('gpt', 'fsdp moe window gqa'), ('rwkv', 'fsdp moe segments'),
-                                                 ('rwkv', 'ddp v7'), ('rwkv', 'fsdp v6 segments')])
+                                                 ('rwkv', 'ddp v7'), ('rwkv', 'fsdp v6 segments'),
+                                                 ('rwkv', 'ddp v7 lora+state segments')])
 def test_torchrun_two_processes_match_one(model_type, sharding, dataset, tmp_path):
     # the same global batch: 2 processes x 1 micro-step each vs 1 process x 2 micro-steps, the same data order;
     # 'segments': samples of 32 tokens in 2 segments of 16 (full BPTT, bptt.py); 'accumulation': 2 micro-steps per
     # process, gradients reduced after the second only; 'moe': 4 experts, top-1 (some get no tokens in a step: they
-    # must still take part in the gradient reduction); 'hybrid': block 1 is windowed attention; 'v7', 'v6': RWKV-7 / 6
+    # must still take part in the gradient reduction); 'hybrid': block 1 is windowed attention; 'v7', 'v6': RWKV-7 / 6;
+    # 'lora+state': only LoRA adapters and the learned initial states train (the rest frozen, no gradient to reduce)
     segmented = ['--block_size=16', '--ctx_len=32'] if 'segments' in sharding else []
     segmented += ['--moe_experts=4', '--moe_top_k=1'] if 'moe' in sharding else []
     segmented += ['--attn_layers=[1]', '--attn_window=8'] if 'hybrid' in sharding else []
     segmented += ['--attn_window=8', '--attn_kv_heads=1'] if 'gqa' in sharding else []
     segmented += [f"--rwkv_version={sharding.split(' v')[1][0]}", '--head_size=8'] if ' v' in sharding else []
+    segmented += ['--finetune=lora+state'] if 'lora+state' in sharding else []
     accumulate = 4 if 'accumulation' in sharding else 2
     common = args(model_type, dataset, tmp_path / 'one', 6, f'--gradient_accumulation_steps={accumulate}',
                   *segmented)
