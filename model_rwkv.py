@@ -788,25 +788,22 @@ class RWKV(nn.Module):
 
     @torch.no_grad()
     def layout_for_decoding_(self):
-        """Store every matrix the way a one-sequence product (RNN mode at batch 1) reads it fastest on a CPU, in
-        place: values, shapes and results are unchanged, only the strides. x @ M, M (in, out), runs as dot products
-        along M's columns or as scaled rows of M; either is quick along a long contiguous run and slow along a short
-        one, so the storage runs along the longer side, (in, out) rows when out >= in. Measured, one thread of a 2-core
-        EPYC, DRAM-resident matrices, F.linear: the head (65536 x 768) 8.3 -> 11.7 GB/s, a channel mix's key (3072 x
-        768) 9.0 -> 15.7, a square 8.8 -> 11.2, RWKV-7's (768, 64) low-rank w1 6.5 -> 8.2. The nn.Linears become
-        quantize.DecodeLinear, whose one-row product (a compiled loop over either layout, on every thread) reads the
-        head at 22 GB/s on one thread, 28 on two (benchmarks/bench_decode.py times the step). Training them still
-        works. generate() calls this on a CPU model; call it yourself before a loop of step()s."""
+        """Make one-sequence decoding (RNN mode at batch 1) on a CPU run at memory speed, in place; values and results
+        are unchanged. torch's matrix-vector product at batch 1 uses one thread and reads a weight at 8-9 GB/s, so
+        the nn.Linears become quantize.DecodeLinear (the same module and parameters), whose one-row product streams
+        each weight row in order on every thread (wkv_cuda/qlinear_cpu.cpp flinear_cpu: the head 65536 x 768 at 20
+        GB/s on one thread of a 2-core EPYC, a 768 x 768 at 22, against F.linear's 10); RWKV-6/7's low-rank matrices, read by x @ m, are
+        stored along their longer side, which that product reads faster (m (768, 64): 6.5 -> 8.2 GB/s). Training
+        the model afterwards still works. generate() calls this on a CPU model; call it yourself before a loop of
+        step()s (benchmarks/bench_decode.py times both)."""
         from quantize import DecodeLinear
 
-        def long_rows(m):  # m as the product reads it, (in, out)
+        def long_rows(m):  # m as x @ m reads it, (in, out)
             with torch.inference_mode(False):  # called under inference_mode, still ordinary tensors to train later
                 return m.contiguous() if m.shape[1] >= m.shape[0] else m.t().contiguous().t()
         for module in self.modules():
             if type(module) is nn.Linear:
                 module.__class__ = DecodeLinear  # the same module and parameters, with DecodeLinear's forward
-            if isinstance(module, nn.Linear):
-                module.weight.data = long_rows(module.weight.data.t()).t()
             for name in getattr(module, 'low_rank', ()):
                 if hasattr(module, name):
                     getattr(module, name).data = long_rows(getattr(module, name).data)

@@ -149,14 +149,14 @@ class QLinear(nn.Module):
 
 
 class DecodeLinear(nn.Linear):
-    """An fp32 nn.Linear laid out for decoding (RWKV.layout_for_decoding_ turns a model's nn.Linears into these):
-    one input row on the CPU without a gradient runs the compiled one-row product of qlinear_cpu.cpp (flinear_cpu),
-    which streams the weight on every thread where a BLAS's matrix-vector path uses one; anything else (a batch,
-    training, torch.compile, another device) is F.linear. The parameters and state dict are nn.Linear's."""
+    """An fp32 nn.Linear for decoding (RWKV.layout_for_decoding_ turns a model's nn.Linears into these): one input
+    row on the CPU without a gradient runs the compiled one-row product of qlinear_cpu.cpp (flinear_cpu), which
+    streams the weight rows in order on every thread where a BLAS's matrix-vector path uses one; anything else (a
+    batch, training, torch.compile, another device) is F.linear. The parameters and state dict are nn.Linear's."""
 
     def forward(self, x):
         if (x.numel() == self.in_features and x.dtype == self.weight.dtype == torch.float32 and x.device.type == 'cpu'
-                and not torch.compiler.is_compiling()
+                and self.weight.is_contiguous() and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             from wkv_cuda import get_extension
             ext = get_extension('cpu')

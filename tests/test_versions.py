@@ -348,9 +348,9 @@ def test_bad_files_and_exports_are_one_line(tmp_path):
 
 @pytest.mark.parametrize('version', ['4'] + VERSIONS)
 def test_layout_for_decoding_keeps_every_value(version, tmp_path):
-    """layout_for_decoding_ changes strides only: every parameter keeps its value, steps and prefill give the same
-    logits and state, each product matrix is stored along its longer side, a second call copies nothing, and
-    save_pth afterwards writes the same weights."""
+    """layout_for_decoding_ keeps every value: every parameter keeps its value, steps and prefill give the same
+    logits and state, the Linears become DecodeLinear, each low-rank matrix is stored along its longer side, a second
+    call copies nothing, training gives the same gradients and save_pth afterwards writes the same weights."""
     kw = {} if version == '4' else dict(head_size=4)
     m = tiny_rwkv(torch.float64, version=version, **kw)
     ref = copy.deepcopy(m)
@@ -362,11 +362,11 @@ def test_layout_for_decoding_keeps_every_value(version, tmp_path):
         assert m.layout_for_decoding_() is m
     after = dict(m.named_parameters())
     assert all(torch.equal(before[n], p) and p.shape == before[n].shape for n, p in after.items())
-    products = [mod.weight.t() for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
-    products += [getattr(mod, n) for mod in m.modules() for n in getattr(mod, 'low_rank', ()) if hasattr(mod, n)]
-    assert len(products) > 3 * m.config.n_layer
-    for M in products:  # (in, out) as x @ M reads it: unit stride along the longer side
-        assert M.stride(1 if M.shape[1] >= M.shape[0] else 0) == 1, M.shape
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    assert len(linears) > 3 * m.config.n_layer and all(type(mod).__name__ == 'DecodeLinear' for mod in linears)
+    assert all(mod.weight.is_contiguous() for mod in linears)  # (O, I) rows, as the one-row product reads them
+    for M in (getattr(mod, n) for mod in m.modules() for n in getattr(mod, 'low_rank', ()) if hasattr(mod, n)):
+        assert M.stride(1 if M.shape[1] >= M.shape[0] else 0) == 1, M.shape  # (in, out): along the longer side
     ptrs = [p.data_ptr() for p in m.parameters()]
     m.layout_for_decoding_()
     assert [p.data_ptr() for p in m.parameters()] == ptrs

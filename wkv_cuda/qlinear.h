@@ -17,5 +17,5 @@
 void qlinear_cpu(int fmt, int64_t B, int64_t O, int64_t I, const float *x, const void *q, const float *d,
                  const float *m, const int32_t *qh, float *y);
 
-// y (O) = W x for one float32 input row x (I); W is (O, I) row-major, or with transposed its (I, O) transpose
-void flinear_cpu(int64_t O, int64_t I, const float *x, const float *w, bool transposed, float *y);
+// y (O) = W x for one float32 input row x (I) and W (O, I) row-major
+void flinear_cpu(int64_t O, int64_t I, const float *x, const float *w, float *y);

@@ -130,19 +130,15 @@ torch::Tensor qlinear(torch::Tensor x, int64_t fmt, torch::Tensor q, torch::Tens
     return y;
 }
 
-// y (1, O) = x (1, I) @ W^T in float32 for W (O, I) stored row-major or as the transpose of a row-major (I, O)
+// y (1, O) = x (1, I) @ W^T in float32 for W (O, I) row-major
 torch::Tensor flinear(torch::Tensor x, torch::Tensor w) {
     TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == at::kFloat && x.is_contiguous() && !x.is_cuda(),
                 "flinear: x must be a contiguous float32 (1, I) CPU tensor, got ", x.sizes(), " ", x.scalar_type());
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.scalar_type() == at::kFloat && !w.is_cuda(),
-                "flinear: the weight must be a float32 (O, ", x.size(1), ") CPU tensor, got ", w.sizes(), " ",
-                w.scalar_type());
-    const int64_t O = w.size(0), I = w.size(1);
-    const bool transposed = w.stride(0) == 1 && w.stride(1) == O && O > 1;
-    TORCH_CHECK(transposed || (w.stride(1) == 1 && (w.stride(0) == I || O == 1)), "flinear: the weight must be row-major or "
-                "the transpose of a row-major matrix, got strides ", w.strides());
-    auto y = torch::empty({1, O}, x.options());
-    flinear_cpu(O, I, x.data_ptr<float>(), w.data_ptr<float>(), transposed, y.data_ptr<float>());
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.scalar_type() == at::kFloat && !w.is_cuda() &&
+                w.is_contiguous(), "flinear: the weight must be a contiguous float32 (O, ", x.size(1), ") CPU tensor, "
+                "got ", w.sizes(), " ", w.scalar_type(), " with strides ", w.strides());
+    auto y = torch::empty({1, w.size(0)}, x.options());
+    flinear_cpu(w.size(0), w.size(1), x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>());
     return y;
 }
 
