@@ -4,7 +4,7 @@ Decoding speed of every RWKV version on the CPU, fp32: our RWKV.step against the
 to a .pth that both load (their logits are compared first). Per version and thread count, the contenders run in
 interleaved rounds whose order alternates, and each ratio is the median of the per-round ratios, so a machine that
 slows down mid-run shifts every contender alike:
-- ours: step() after layout_for_decoding_() (what generate() runs), and as loaded (the training layout);
+- ours: step() after layout_for_decoding_() (what generate() runs), and as loaded (its products through F.linear);
 - ours compiled: torch.compile(step), laid out for decoding;
 - rwkv pip: forward([token], state);
 - ours batch B: step() on B sequences at once (tokens/s counts all B);
