@@ -789,12 +789,12 @@ class RWKV(nn.Module):
     @torch.no_grad()
     def layout_for_decoding_(self):
         """Make one-sequence decoding (RNN mode at batch 1) on a CPU run at memory speed, in place; values and results
-        are unchanged. torch's matrix-vector product at batch 1 uses one thread and reads a weight at 8-9 GB/s, so
-        the nn.Linears become quantize.DecodeLinear (the same module and parameters), whose one-row product streams
-        each weight row in order on every thread (wkv_cuda/qlinear_cpu.cpp flinear_cpu: the head 65536 x 768 at 20
-        GB/s on one thread of a 2-core EPYC, a 768 x 768 at 22, against F.linear's 10); RWKV-6/7's low-rank matrices, read by x @ m, are
-        stored along their longer side, which that product reads faster (m (768, 64): 6.5 -> 8.2 GB/s). Training
-        the model afterwards still works. generate() calls this on a CPU model; call it yourself before a loop of
+        are unchanged. torch's matrix-vector product at batch 1 uses one thread and reads a weight at ~10 GB/s, so the
+        nn.Linears become quantize.DecodeLinear (the same module and parameters), whose one-row product streams each
+        weight row in order on every thread (wkv_cuda/qlinear_cpu.cpp flinear_cpu: the 65536 x 768 head at 20 GB/s
+        and a 768 x 768 at 22 on one thread of a 2-core EPYC). RWKV-6/7's low-rank matrices, read by x @ m, are
+        stored along their longer side, which that product reads faster (m (768, 64): 6.5 -> 8.2 GB/s). Training the
+        model afterwards still works. generate() calls this on a CPU model; call it yourself before a loop of
         step()s (benchmarks/bench_decode.py times both)."""
         from quantize import DecodeLinear
 

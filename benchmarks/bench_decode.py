@@ -85,27 +85,25 @@ def measure(cfg, version):
         for p in src.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.02)
-    tmp = tempfile.mkdtemp()
-    path = Path(tmp) / 'model.pth'
-    src.save_pth(path)
-    del src
-    ours = RWKV.from_pretrained(path).eval()
-    trained = RWKV.from_pretrained(path).eval()  # the layout training uses
-    ours.layout_for_decoding_()
-    with others_quiet('the rwkv package'):
-        kw = {} if version == 7 else dict(verbose=False)
-        pip = PipRWKV(model=str(path.with_suffix('')), strategy='cpu fp32', **kw)
-    path.unlink()
-    os.rmdir(tmp)
+    with tempfile.TemporaryDirectory() as tmp:  # the one file every decoder loads, gone once they have
+        path = Path(tmp) / 'model.pth'
+        src.save_pth(path)
+        del src
+        ours = RWKV.from_pretrained(path).eval()
+        loaded = RWKV.from_pretrained(path).eval()  # as loaded: its products through F.linear
+        ours.layout_for_decoding_()
+        with others_quiet('the rwkv package'):
+            kw = {} if version == 7 else dict(verbose=False)
+            pip = PipRWKV(model=str(path.with_suffix('')), strategy='cpu fp32', **kw)
     g = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, V, (cfg.warmup + cfg.n_tokens + max(cfg.prefill, 1),), generator=g)
 
     # the same logits, token by token, before timing anything
-    s_ours, s_trained, s_pip, diff = None, None, None, 0.0
+    s_ours, s_loaded, s_pip, diff = None, None, None, 0.0
     with torch.inference_mode():
         for t in tokens[:8].tolist():
             a, s_ours = ours.step(torch.tensor([t]), s_ours)
-            b, s_trained = trained.step(torch.tensor([t]), s_trained)
+            b, s_loaded = loaded.step(torch.tensor([t]), s_loaded)
             c, s_pip = pip.forward([t], s_pip)
             diff = max(diff, (a[0] - c).abs().max().item(), (b[0] - c).abs().max().item())
 
@@ -128,7 +126,7 @@ def measure(cfg, version):
         return run
 
     big = torch.ones(BANDWIDTH_BYTES // 4)
-    contenders = {'ours': decoder(ours.step), 'ours, as loaded': decoder(trained.step)}
+    contenders = {'ours': decoder(ours.step), 'ours, as loaded': decoder(loaded.step)}
     if cfg.compile:
         contenders['ours compiled'] = decoder(torch.compile(ours.step))
     contenders['rwkv pip'] = pip_decoder()
