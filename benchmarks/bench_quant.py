@@ -7,15 +7,18 @@ own quantizer) where it loads (benchmarks/rwkvcpp.py). Then held-out perplexity 
 $ python benchmarks/bench_quant.py                                   # 169M shape (L12 C768 V50277), 1 and 2 threads
 $ python benchmarks/bench_quant.py --checkpoints="['out-shakespeare-char']" --n_tokens=8
 
-Speed: batch 1 and batch 8 (ours only: the others decode one sequence per call), 1 and 2 threads, the formats in
-interleaved rounds, best round reported (this machine is noisy). "MB/token" is what a step reads: every matrix and
-vector, the embedding's one row aside; GB/s = that x tokens/s, next to a 512 MB copy (read + written) and a 512 MB
-sum (read) measured in the same run: the memory's limit. Perplexity: exp of the mean cross-entropy over the
-checkpoint's val.bin in windows of block_size, same windows for every format.
+Speed: batch 1 and batch 8 (ours only: the others decode one sequence per call), 1 and 2 threads; every decoder
+runs once per round, the order alternating round by round; tokens/s is the median over the rounds and each ratio
+the median of the per-round ratios, so a machine that slows down mid-run shifts every decoder alike. "MB/token" is
+what a step reads: every matrix and vector, the embedding's one row aside; GB/s = that x tokens/s, next to a 512 MB
+copy (read + written) and a 512 MB sum (read) measured in the same run: the memory's limit.
+Perplexity: exp of the mean cross-entropy over the checkpoint's val.bin in windows of block_size, same windows for
+every format.
 """
 import copy
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +38,7 @@ OPTIONS = dict(
     threads=Option([1, 2], "torch / rwkv.cpp threads, each timed", '>= 1'),
     batch_sizes=Option([1, 8], "our decode's batch sizes", '>= 1'),
     n_tokens=Option(16, "steps per timed round", '>= 1'),
-    rounds=Option(3, "interleaved rounds; each row reports its best", '>= 1'),
+    rounds=Option(5, "interleaved rounds (medians over them)", '>= 1'),
     rivals=Option(True, "time the rwkv pip package, torch.ao and rwkv.cpp (where they load) too"),
     checkpoints=Option([], "out_dirs of trained RWKV checkpoints whose val perplexity is measured per format"),
     head=Option([True, False], "perplexity with the head quantized and kept fp32"),
@@ -206,23 +209,28 @@ def main(argv):
         for threads in cfg.threads:
             torch.set_num_threads(threads)
             runners = [factory(threads) for _, _, _, factory in rows]
-            best = [float('inf')] * len(rows)
-            for _ in range(cfg.rounds):
-                for i, ((name, b, _, _), run) in enumerate(zip(rows, runners)):
-                    run(0)  # warm: the first call of a round pays for nothing it should not
+            for run in runners:
+                run(0)  # warm: the first call pays for nothing a round should
+            times = [[] for _ in rows]  # seconds per token, one per round
+            for r in range(cfg.rounds):
+                order = list(range(len(rows)))
+                for i in order if r % 2 == 0 else reversed(order):
                     t0 = time.perf_counter()
                     for t in range(cfg.n_tokens):
-                        run(t)
-                    best[i] = min(best[i], (time.perf_counter() - t0) / cfg.n_tokens)
-            print(f"L{L} C{C} V{V}, {threads} thread{'s' if threads > 1 else ''}, best of {cfg.rounds} rounds of "
-                  f"{cfg.n_tokens} tokens:\n| decoder | batch | tokens/s | vs ours fp32 (batch 1) | MB/token | "
-                  f"GB/s |\n|---|---|---|---|---|---|")
-            base = next(1 / t for (name, b, _, _), t in zip(rows, best) if name == 'ours fp32' and b == 1)
-            for (name, b, nbytes, _), t in zip(rows, best):
-                rate = b / t
+                        runners[i](t)
+                    times[i].append((time.perf_counter() - t0) / cfg.n_tokens)
+            names = [(name, b) for name, b, _, _ in rows]
+            refs = [ref for ref in (('ours fp32', 1), ('rwkv.cpp FP32', 1), ('rwkv.cpp Q4_0', 1)) if ref in names]
+            print(f"L{L} C{C} V{V}, {threads} thread{'s' if threads > 1 else ''}, median of {cfg.rounds} interleaved "
+                  f"rounds of {cfg.n_tokens} tokens:\n| decoder | batch | tokens/s | "
+                  + ''.join(f"vs {n} | " for n, _ in refs) + "MB/token | GB/s |\n|" + "---|" * (5 + len(refs)))
+            for (name, b, nbytes, _), ts in zip(rows, times):
+                rate = b / statistics.median(ts)
+                ratios = [statistics.median(b * u / t for u, t in zip(times[names.index(ref)], ts)) for ref in refs]
                 mb = f"{nbytes / 1e6:.1f}" if nbytes else '-'
-                bw = f"{nbytes / t / 1e9:.1f}" if nbytes else '-'
-                print(f"| {name} | {b} | {rate:,.1f} | {rate / base:.2f}x | {mb} | {bw} |", flush=True)
+                bw = f"{nbytes * rate / b / 1e9:.1f}" if nbytes else '-'
+                print(f"| {name} | {b} | {rate:,.1f} | " + ''.join(f"{q:.2f}x | " for q in ratios) + f"{mb} | {bw} |",
+                      flush=True)
                 if b == 1:
                     results.setdefault(threads, []).append((name.split(' (')[0], rate))
             print()
