@@ -100,12 +100,18 @@ def dequantize(t, fmt):
     return (q.float() * t['d'].float()[..., None] + t['m'].float()[..., None]).view(O, nb * QK)
 
 
+_kernel = []  # the built extension, once found (a layer calls kernel() per token)
+
+
 def kernel():
+    if _kernel:
+        return _kernel[0]
     from wkv_cuda import build_hint, get_extension
     ext = get_extension('cpu')
     if isinstance(ext, Exception):
         raise RuntimeError(f"quantized inference needs the compiled CPU kernel, which failed to build: "
                            f"{build_hint('cpu', ext)}")
+    _kernel.append(ext)
     return ext
 
 
@@ -126,18 +132,17 @@ class QLinear(nn.Module):
                                "and quantize it afterwards)")
         if x.device.type != 'cpu':
             raise RuntimeError("quantized inference runs on the CPU: move the model and inputs with .to('cpu')")
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         y = kernel().qlinear(x2, FMT_ID[self.fmt], *self.operands())
         if self.bias is not None:
             y += self.bias
-        return y.view(*lead, self.out_features).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def operands(self):
         """(q, d, m, qh) as the kernel takes them: scales and offsets in float32 (ggml's fp16 values convert exactly),
         empty tensors where a format has none. Converted once, and again only if a buffer changed (load_state_dict
         writes in place: the version counter moves)."""
-        key = tuple((t.data_ptr(), t._version) for t in self.buffers())
+        key = tuple((t.data_ptr(), t._version) for t in self._buffers.values())  # this module's own
         if getattr(self, '_key', None) != key:
             get = lambda n, f: f(getattr(self, n)) if hasattr(self, n) else torch.empty(0)  # noqa: E731
             self._ops = (self.q, get('d', torch.Tensor.float), get('m', torch.Tensor.float), get('qh', lambda t: t))
